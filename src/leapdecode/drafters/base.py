@@ -1,0 +1,69 @@
+"""The drafter protocol: propose a tree of candidate tokens, learn from what the target accepted."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ..sampling import SamplingParams
+from ..tree import DraftTree
+
+
+@dataclass
+class DraftContext:
+    """What a drafter may read when proposing (batch size 1: one committed token list)."""
+
+    tokens: list[int]  # prompt + committed output; the last one is fed to the target with the draft
+    prompt_length: int
+    max_tokens: int  # proposal budget: at most this many nodes in the tree
+    params: SamplingParams
+    generator: torch.Generator | None
+
+
+@dataclass
+class DraftFeedback:
+    """What the target decided about the last proposal."""
+
+    proposed: int  # nodes in the proposed tree
+    accepted: int  # accepted nodes (the correction/bonus token is not counted)
+    committed: list[int] = field(default_factory=list)  # tokens committed this step
+
+
+class Drafter(Protocol):
+    """One instance per generation request; `begin` is called once with the prompt."""
+
+    def begin(self, prompt: list[int], params: SamplingParams) -> None: ...
+
+    def propose(self, ctx: DraftContext) -> DraftTree | None: ...
+
+    def update(self, feedback: DraftFeedback) -> None: ...
+
+
+class NoDrafter:
+    """Plain autoregressive decoding: proposes nothing, so each target pass commits one token."""
+
+    def begin(self, prompt: list[int], params: SamplingParams) -> None:
+        pass
+
+    def propose(self, ctx: DraftContext) -> DraftTree | None:
+        return None
+
+    def update(self, feedback: DraftFeedback) -> None:
+        pass
+
+
+class AdaptiveLength:
+    """Draft length from acceptance feedback: grow after a fully accepted draft, shrink after a miss
+    (the schedule of transformers' assisted generation heuristic, bounded to [low, high])."""
+
+    def __init__(self, start: int, low: int = 1, high: int = 64, enabled: bool = True):
+        self.value, self.low, self.high, self.enabled = start, low, high, enabled
+
+    def update(self, feedback: DraftFeedback) -> None:
+        if not self.enabled or feedback.proposed == 0:
+            return
+        if feedback.accepted == feedback.proposed:
+            self.value = min(self.high, self.value + 2)
+        else:
+            self.value = max(self.low, self.value - 1)

@@ -1,0 +1,57 @@
+"""`pld`: prompt lookup decoding (lossless through verification).
+
+Input-guided aggressive decoding (Sun et al., "Lossless Acceleration for Seq2seq Generation with
+Aggressive Decoding", 2022) and prompt lookup decoding (Saxena, 2023): when the output copies the input,
+the tokens that followed the last n-gram's earlier occurrence are a cheap, often right, draft. The match
+is searched in the prompt and in the output so far, longest n-gram first, most recent occurrence first.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..sampling import SamplingParams
+from ..tree import DraftTree
+from .base import AdaptiveLength, DraftContext, DraftFeedback
+
+
+class PromptLookupDrafter:
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_draft_tokens: int = 10, adaptive: bool = False):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        if num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.length = AdaptiveLength(num_draft_tokens, high=max(num_draft_tokens, 32), enabled=adaptive)
+
+    def begin(self, prompt: list[int], params: SamplingParams) -> None:
+        pass
+
+    def propose(self, ctx: DraftContext) -> DraftTree | None:
+        budget = min(self.length.value, ctx.max_tokens)
+        if budget <= 0:
+            return None
+        draft = find_continuation(np.asarray(ctx.tokens, dtype=np.int64), self.min_ngram, self.max_ngram, budget)
+        if draft is None:
+            return None
+        return DraftTree.chain(torch.as_tensor(draft, dtype=torch.long))
+
+    def update(self, feedback: DraftFeedback) -> None:
+        self.length.update(feedback)
+
+
+def find_continuation(tokens: np.ndarray, min_ngram: int, max_ngram: int, length: int) -> np.ndarray | None:
+    """The `length` tokens (or fewer) that followed the most recent earlier occurrence of the longest
+    suffix n-gram (n from max_ngram down to min_ngram), preferring an occurrence with a full-length
+    continuation; None when nothing matches."""
+    total = tokens.shape[0]
+    for n in range(min(max_ngram, total - 1), min_ngram - 1, -1):
+        suffix = tokens[total - n :]
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[: total - 1], n)  # starts 0..total-1-n
+        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if hits.size:
+            # most recent occurrence that still has `length` tokens after it, else the earliest one
+            full = hits[hits + n + length <= total]
+            start = int(full[-1] if full.size else hits[0]) + n
+            return tokens[start : start + length]
+    return None

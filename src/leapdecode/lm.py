@@ -1,0 +1,88 @@
+"""A causal LM with its own KV cache: feed a chain or score a whole draft tree in one forward pass.
+
+Everything goes through the model's public inputs: `input_ids`, `position_ids`, a 4-D attention mask
+(a dict of masks for models with sliding-window layers) and the cache object. Nothing is patched.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import kv_cache
+from .tree import DraftTree
+
+
+class CausalLM:
+    """One sequence batch decoding with one model; owns the cache (batch, heads, seq, head_dim)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.cache = kv_cache.new_cache()
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        types = getattr(cfg, "layer_types", None) or []
+        self.sliding_window = getattr(cfg, "sliding_window", None) if "sliding_attention" in types else None
+        self.layer_type_names = sorted(set(types))
+        self.device = next(model.parameters()).device
+        self.forward_passes = 0
+
+    def reset(self) -> None:
+        self.cache = kv_cache.new_cache()
+        self.forward_passes = 0
+
+    @property
+    def length(self) -> int:
+        return kv_cache.cache_length(self.cache)
+
+    def forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """Append `ids` (B, T) after the cache, causally; return logits (B, T or logits_to_keep, V)."""
+        out = self.model(
+            input_ids=ids.to(self.device), cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep
+        )
+        self.forward_passes += 1
+        return out.logits
+
+    def score_tree(self, root: torch.Tensor, tree: DraftTree) -> torch.Tensor:
+        """Feed the root token (B, 1) plus every tree node in one pass; return logits (B, N+1, V).
+
+        Row 0 is the distribution after the root, row i+1 the distribution after node i's path.
+        A chain takes the plain causal path (no mask needed); other trees use the ancestor mask.
+        """
+        ids = torch.cat([root, tree.tokens], dim=1)
+        layout = tree.layout
+        if layout.is_chain:
+            return self.forward(ids)
+        past = self.length
+        positions = (past + layout.depths).unsqueeze(0).expand(ids.shape[0], -1)
+        mask = self._tree_mask(layout.ancestor_mask, past, positions[0], ids.shape[0])
+        out = self.model(
+            input_ids=ids.to(self.device),
+            position_ids=positions.to(self.device),
+            attention_mask=mask,
+            cache=self.cache,
+            use_cache=True,
+        )
+        self.forward_passes += 1
+        return out.logits
+
+    def _tree_mask(self, ancestors: torch.Tensor, past: int, positions: torch.Tensor, batch: int):
+        q = ancestors.shape[0]
+        full = torch.ones(q, past + q, dtype=torch.bool)
+        full[:, past:] = ancestors
+        masks = {"full_attention": full}
+        if self.sliding_window is not None:
+            key_pos = torch.cat([torch.arange(past), positions])
+            in_window = key_pos.unsqueeze(0) > positions.unsqueeze(1) - self.sliding_window
+            masks["sliding_attention"] = full & in_window
+        expanded = {k: m.to(self.device)[None, None].expand(batch, 1, -1, -1) for k, m in masks.items()}
+        if self.sliding_window is None:
+            return expanded["full_attention"]
+        return expanded
+
+    def crop(self, length: int) -> None:
+        kv_cache.crop(self.cache, length)
+
+    def keep_path(self, start: int, nodes: list[int]) -> None:
+        """After a tree pass fed at cache position `start` (root at `start`), keep the root and `nodes`."""
+        if nodes == list(range(len(nodes))):  # a prefix of the node order: a plain crop
+            kv_cache.crop(self.cache, start + 1 + len(nodes))
+        else:
+            kv_cache.keep(self.cache, start + 1, [start + 1 + n for n in nodes])

@@ -1,0 +1,58 @@
+"""Tiny random-weight models (llama, qwen2, gemma3) built from configs, with a tiny word-level tokenizer."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from leapdecode.loading import LoadedModel
+
+ARCHITECTURES = ("llama", "qwen2", "gemma3")
+
+
+def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int = 64, layers: int = 2, sliding_window: int = 6):
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "gemma3":
+        # a short sliding window so tests cross it; layer 0 sliding, layer 1 full
+        return Gemma3TextConfig(**common, head_dim=16, sliding_window=sliding_window,
+                                layer_types=["sliding_attention", "full_attention"][:layers] + ["full_attention"] * (layers - 2))
+    raise ValueError(arch)
+
+
+@functools.lru_cache(maxsize=None)
+def _model(arch: str, vocab_size: int, seed: int, layers: int, scale: float):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, layers), attn_implementation="sdpa")
+    if scale != 1.0:  # sharper distributions make greedy decoding fall into repetitive, copyable patterns
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(scale)
+    return model.eval()
+
+
+def tiny_loaded(arch: str = "llama", vocab_size: int = 64, seed: int = 0, layers: int = 2, scale: float = 1.0,
+                context_length: int = 512, stop_token_ids=()) -> LoadedModel:
+    return LoadedModel(model=_model(arch, vocab_size, seed, layers, scale), tokenizer=tiny_tokenizer(vocab_size),
+                       name=f"tiny-{arch}-{seed}", stop_token_ids=frozenset(stop_token_ids),
+                       context_length=context_length)
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request) -> str:
+    return request.param
