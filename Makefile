@@ -19,6 +19,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/leapdecode generate --compare --method pld --demo-prompt
 
+# Quick benchmark (about 5-8 min on a 2-core CPU): 2 questions per suite category, 128 new tokens, 1 repeat.
+BENCH_OUT ?= runs/bench-default
+BENCH_ARGS ?= --model smollm2-135m --methods ar,pld,hf-ar,hf-pld --questions benchmarks/suite.jsonl \
+	--per-category 2 --max-new-tokens 128 --repeats 1
+
+bench: $(STAMP)
+	$(BIN)/leapdecode bench $(BENCH_ARGS) --out $(BENCH_OUT)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 

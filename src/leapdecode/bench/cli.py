@@ -1,0 +1,145 @@
+"""``leapdecode bench``: check the input, load the models once, run the benchmark, print the table.
+
+Every user error (question file, category, method, missing draft model, output folder, settings) is
+reported before any model is loaded. Exit codes: 0 done, 1 a lossless method differed from ``ar``
+with ``--strict``, 2 a user error (printed by ``leapdecode.cli.main``), 130 Ctrl-C (the complete
+questions are still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from leapdecode.bench.questions import load_questions, resolve_questions_path
+from leapdecode.bench.runner import (
+    BenchSettings,
+    check_methods,
+    needs_draft,
+    prepare_out_dir,
+    run_benchmark,
+    valid_method_names,
+)
+from leapdecode.errors import InvalidSettingError
+
+DEFAULT_METHODS = "ar,pld,hf-ar,hf-pld"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand to the ``leapdecode`` parser."""
+    from leapdecode.cli import add_model_arguments
+
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark decoding methods on a question set (tokens/s, speedup, identity to ar)",
+        description="Run methods interleaved per question in one process (warm-up untimed, median of "
+        "--repeats) and write answers.jsonl, summary.json, report.md and PNG plots to --out.",
+    )
+    add_model_arguments(p)
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated engine methods and peers (default {DEFAULT_METHODS}; "
+                   f"valid: {', '.join(valid_method_names())})")
+    p.add_argument("--questions", default="suite",
+                   help="Spec-Bench-style JSONL file, or 'suite' (benchmarks/suite.jsonl, the default) or "
+                   "'spec-bench' ($LEAPDECODE_SPEC_BENCH or ../shared/spec_bench/question.jsonl)")
+    p.add_argument("--categories", default=None, help="comma-separated categories to keep (default all)")
+    p.add_argument("--per-category", type=int, default=None, metavar="N",
+                   help="keep the first N questions of each category")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="per turn (default 256)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per question and method; the median "
+                   "by wall time is kept (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (with --temperature > 0)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when a lossless method's greedy output differs from ar's")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice); 1 avoids thrashing on a busy machine")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_bench)
+    return p
+
+
+def command_line(args: argparse.Namespace, methods: list[str]) -> str:
+    """The full command with every setting explicit (defaults included), for report.md."""
+    parts = ["leapdecode", "bench", "--model", args.model]
+    if args.draft_model:
+        parts += ["--draft-model", args.draft_model]
+    parts += ["--methods", ",".join(methods), "--questions", args.questions]
+    if args.categories:
+        parts += ["--categories", args.categories]
+    if args.per_category is not None:
+        parts += ["--per-category", str(args.per_category)]
+    parts += ["--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats)]
+    if args.temperature:
+        parts += ["--temperature", str(args.temperature)]
+    if args.seed is not None:
+        parts += ["--seed", str(args.seed)]
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    parts += ["--out", args.out]
+    if args.strict:
+        parts.append("--strict")
+    return shlex.join(parts)
+
+
+def _load_model(spec: str):
+    """Load a model (a seam for tests, which substitute tiny models)."""
+    from leapdecode import load
+
+    return load(spec)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Validate everything, load the models once, run, print the table; return the exit code."""
+    settings = BenchSettings(max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                             temperature=args.temperature, seed=args.seed)
+    methods = check_methods(args.methods, has_draft=bool(args.draft_model), settings=settings)
+    path = resolve_questions_path(args.questions)
+    questions = load_questions(path, categories=args.categories, per_category=args.per_category)
+    if args.threads is not None and args.threads < 1:
+        raise InvalidSettingError(f"threads must be a positive integer, got {args.threads}")
+    out = prepare_out_dir(args.out)
+    use_draft = any(needs_draft(m) for m in methods)
+    if args.draft_model and not use_draft:
+        print(f"note: no method in {','.join(methods)} uses a draft model; {args.draft_model} is not loaded",
+              file=sys.stderr)
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    target = _load_model(args.model)
+    draft = _load_model(args.draft_model) if use_draft else None
+    if draft is not None:
+        from leapdecode.loading import check_draft_compatible
+
+        check_draft_compatible(target, draft)
+
+    print(f"bench: {len(questions)} questions x {len(methods)} methods x {settings.repeats} repeat(s), "
+          f"up to {settings.max_new_tokens} new tokens per turn, on {target.name}", file=sys.stderr)
+    result = run_benchmark(
+        target, draft, questions, methods, settings, out,
+        command_line=command_line(args, methods),
+        extra_settings={"questions": str(path), "categories": args.categories, "per_category": args.per_category},
+        progress=not args.no_progress,
+    )
+    if result.summary is None:
+        return 130 if result.interrupted else 1
+
+    decoding = "greedy" if settings.greedy else f"temperature {settings.temperature}"
+    print(f"model {target.name}" + (f", draft {draft.name}" if draft is not None else "")
+          + f", {len({r.question_id for r in result.records})} questions, {decoding}")
+    print(result.table)
+    print(f"wrote {', '.join(p.name for p in result.files)} to {out}", file=sys.stderr)
+    for method, qids in result.mismatches.items():
+        print(f"WARNING: lossless method {method} differs from "
+              f"{result.summary['settings']['reference_method']} on {len(qids)} question(s): "
+              f"{', '.join(map(str, qids))}", file=sys.stderr)
+    if result.interrupted:
+        print("interrupted: wrote the questions that were complete", file=sys.stderr)
+        return 130
+    if result.mismatches and args.strict:
+        return 1
+    return 0
