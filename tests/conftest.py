@@ -12,6 +12,9 @@ from leapdecode.loading import LoadedModel
 
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
+# Tiny models run far faster on one thread, and do not stall when other processes load the CPUs.
+torch.set_num_threads(1)
+
 
 def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     vocab = {f"w{i}": i for i in range(vocab_size)}

@@ -58,7 +58,12 @@ class AdaptiveLength:
     (the schedule of transformers' assisted generation heuristic, bounded to [low, high])."""
 
     def __init__(self, start: int, low: int = 1, high: int = 64, enabled: bool = True):
-        self.value, self.low, self.high, self.enabled = start, low, high, enabled
+        self.start, self.low, self.high, self.enabled = start, low, high, enabled
+        self.value = start
+
+    def reset(self) -> None:
+        """Back to the starting length (each request starts afresh, so seeded runs repeat exactly)."""
+        self.value = self.start
 
     def update(self, feedback: DraftFeedback) -> None:
         if not self.enabled or feedback.proposed == 0:

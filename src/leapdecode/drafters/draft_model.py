@@ -40,6 +40,7 @@ class DraftModelDrafter:
     def begin(self, prompt: list[int], params: SamplingParams) -> None:
         self.lm.reset()
         self.fed = []
+        self.length.reset()
 
     def _catch_up(self, tokens: list[int]) -> torch.Tensor:
         """Make the cache hold `tokens[:-1]` plus feed the last token; return logits after it (1, V)."""

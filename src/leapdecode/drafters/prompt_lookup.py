@@ -25,7 +25,7 @@ class PromptLookupDrafter:
         self.length = AdaptiveLength(num_draft_tokens, high=max(num_draft_tokens, 32), enabled=adaptive)
 
     def begin(self, prompt: list[int], params: SamplingParams) -> None:
-        pass
+        self.length.reset()
 
     def propose(self, ctx: DraftContext) -> DraftTree | None:
         budget = min(self.length.value, ctx.max_tokens)

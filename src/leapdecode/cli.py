@@ -1,0 +1,223 @@
+"""Command line: `leapdecode generate | methods | models | bench`."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import dataclass
+
+from .errors import LeapdecodeError
+
+
+def _option_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_options(pairs: list[str] | None) -> dict:
+    """`--option key=value` pairs into a dict of method options."""
+    options = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise LeapdecodeError(f"--option expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        options[key.strip().replace("-", "_")] = _option_value(value.strip())
+    return options
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    from .presets import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset, .gguf file, folder or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--draft-model", default=None, help="draft model for the `draft` method (same tokenizer)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+@dataclass
+class CompareRow:
+    method: str
+    new_tokens: int
+    tokens_per_s: float
+    mean_accepted: float | None
+    identical: bool | None
+    text: str = ""
+
+
+def _print_table(rows: list[CompareRow]) -> None:
+    base = next((r.tokens_per_s for r in rows if r.method == "ar"), None)
+    header = ["method", "new tokens", "tokens/s", "speedup", "mean accepted", "identical to ar"]
+    lines = [header]
+    for r in rows:
+        lines.append([
+            r.method, str(r.new_tokens), f"{r.tokens_per_s:.1f}",
+            f"{r.tokens_per_s / base:.2f}x" if base else "-",
+            f"{r.mean_accepted:.2f}" if r.mean_accepted is not None else "-",
+            "-" if r.identical is None else ("yes" if r.identical else "NO"),
+        ])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    for n, row in enumerate(lines):
+        print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import Decoder, load
+    from .demo import DEMO_PROMPT
+    from .methods import get_method
+
+    prompt = DEMO_PROMPT if args.demo_prompt else args.prompt
+    if prompt is None:
+        raise LeapdecodeError("give a PROMPT (or --demo-prompt)")
+    if not prompt.strip():
+        raise LeapdecodeError("the prompt is empty")
+    spec = get_method(args.method)
+    options = parse_options(args.option)
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, stop=args.stop)
+    from .engine import _settings
+
+    _settings(**settings)  # validate before loading anything
+    if spec.needs_draft_model and not args.draft_model:
+        raise LeapdecodeError(f"method {args.method!r} needs --draft-model")
+    target = load(args.model)
+    draft = load(args.draft_model) if args.draft_model else None
+    decoder = Decoder(target, args.method, draft=draft, **options)
+    chat = target.has_chat_template and not args.no_chat
+    if not args.compare:
+        result = decoder.generate(prompt, chat=chat, on_text=lambda s: print(s, end="", flush=True), **settings)
+        print()
+        st = result.stats
+        print(f"\n[{args.method}] {st.new_tokens} tokens in {st.wall_time:.2f} s = {st.tokens_per_s:.1f} tokens/s; "
+              f"{st.target_forward_passes} target passes, mean accepted {st.mean_accepted:.2f}; "
+              f"acceptance histogram {st.acceptance_histogram}; stop: {st.stop_reason}", file=sys.stderr)
+        return 0
+    return _compare(args, target, draft, decoder, prompt, chat, settings)
+
+
+def _compare(args, target, draft, decoder, prompt, chat, settings) -> int:
+    from . import Decoder
+    from .peers import hf_generate
+
+    runners = {"ar": Decoder(target, "ar")}
+    if args.method != "ar":
+        runners[args.method] = decoder
+    prompt_ids = runners["ar"].encode_prompt(prompt, chat=chat)
+    peers = []
+    if args.with_hf:
+        peers = ["hf-ar", {"pld": "hf-pld", "draft": "hf-assisted"}.get(args.method)]
+        peers = [p for p in peers if p]
+    print(f"warm-up, then {args.repeats} interleaved run(s) of {', '.join(list(runners) + peers)} "
+          f"on a {len(prompt_ids)}-token prompt ...", file=sys.stderr)
+    for dec in runners.values():  # warm-up, excluded from timing
+        dec.generate(prompt_ids, max_new_tokens=8)
+    for peer in peers:
+        hf_generate(peer, target, prompt_ids, 8, draft=draft)
+    times: dict[str, list[float]] = {name: [] for name in list(runners) + peers}
+    results: dict = {}
+    for _ in range(args.repeats):
+        for name, dec in runners.items():
+            res = dec.generate(prompt_ids, **settings)
+            times[name].append(res.stats.wall_time)
+            results[name] = res
+        for peer in peers:
+            res = hf_generate(peer, target, prompt_ids, settings["max_new_tokens"], draft=draft)
+            times[peer].append(res.wall_time)
+            results[peer] = res
+    ref_ids = results["ar"].token_ids
+    rows = []
+    for name in times:
+        res = results[name]
+        ids = res.token_ids
+        wall = statistics.median(times[name])
+        mean_acc = res.stats.mean_accepted if hasattr(res, "stats") else None
+        same = ids == ref_ids if args.temperature == 0 else None
+        rows.append(CompareRow(name, len(ids), len(ids) / wall if wall else 0.0, mean_acc, same))
+    print(f"--- {args.method} output ---")
+    print(results[args.method].text if hasattr(results[args.method], "text") else "")
+    print(f"--- model {target.name}" + (f", draft {draft.name}" if draft else "") + f", median of {args.repeats} ---")
+    _print_table(rows)
+    if args.temperature == 0 and any(r.identical is False for r in rows if not r.method.startswith("hf-")):
+        print("WARNING: a lossless method's output differs from ar", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import all_methods
+    from .peers import PEER_METHODS
+
+    specs = all_methods()
+    width = max(len(s.name) for s in specs)
+    for s in specs:
+        print(f"{s.name.ljust(width)}  {s.promise:8}  {s.description}")
+    print(f"\npeers for `leapdecode bench`: {', '.join(PEER_METHODS)} (transformers generate())")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .presets import list_presets
+
+    for p in list_presets():
+        print(f"{p.name:22} {'installed' if p.installed else 'not installed':14} {p.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leapdecode", description="Faster decoding for Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text (streams), then print stats")
+    g.add_argument("prompt", nargs="?", help="the prompt (the chat template is applied when the model has one)")
+    add_model_arguments(g)
+    g.add_argument("--method", default="pld", help="decoding method (see `leapdecode methods`; default pld)")
+    add_sampling_arguments(g)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. num_draft_tokens=8")
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--compare", action="store_true", help="also run ar and print a side-by-side table")
+    g.add_argument("--with-hf", action="store_true", help="with --compare: add transformers generate() peers")
+    g.add_argument("--repeats", type=int, default=3, help="with --compare: timed runs per method (median)")
+    g.add_argument("--demo-prompt", action="store_true", help="use the built-in editing prompt")
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("methods", help="list decoding methods with their promise")
+    m.set_defaults(func=cmd_methods)
+    ms = sub.add_parser("models", help="list model presets and whether they are installed")
+    ms.set_defaults(func=cmd_models)
+
+    try:
+        from .bench.cli import add_parser as add_bench_parser
+    except ImportError:
+        add_bench_parser = None
+    if add_bench_parser is not None:
+        add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LeapdecodeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""transformers' own `generate()` as a peer: plain greedy, prompt lookup and assisted generation.
+
+Used by `leapdecode generate --compare --with-hf` and `leapdecode bench` (methods hf-ar, hf-pld,
+hf-assisted) so that our numbers sit next to the library users already have, in the same process.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidSettingError
+
+PEER_METHODS = ("hf-ar", "hf-pld", "hf-assisted")
+
+
+@dataclass
+class PeerResult:
+    method: str
+    token_ids: list[int]  # new tokens only
+    wall_time: float
+
+
+def hf_generate(method: str, target, prompt_ids: list[int], max_new_tokens: int, draft=None,
+                prompt_lookup_num_tokens: int = 10) -> PeerResult:
+    """Greedy `model.generate()` with the same stop tokens as our engine."""
+    if method not in PEER_METHODS:
+        raise InvalidSettingError(f"unknown peer {method!r}; peers: {', '.join(PEER_METHODS)}")
+    kwargs: dict = {}
+    if method == "hf-pld":
+        kwargs["prompt_lookup_num_tokens"] = prompt_lookup_num_tokens
+    elif method == "hf-assisted":
+        if draft is None:
+            raise InvalidSettingError("hf-assisted needs a draft model (--draft-model)")
+        kwargs["assistant_model"] = draft.model
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    stop = sorted(target.stop_token_ids) or None
+    pad = target.tokenizer.pad_token_id
+    if pad is None:
+        pad = stop[0] if stop else 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = target.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            temperature=None, top_p=None, top_k=None, eos_token_id=stop, pad_token_id=pad, **kwargs,
+        )
+    wall = time.perf_counter() - started
+    new = out[0, len(prompt_ids):].tolist()
+    if stop:  # drop padding after an early stop, keep the stop token like our engine does
+        for i, t in enumerate(new):
+            if t in target.stop_token_ids:
+                new = new[: i + 1]
+                break
+    return PeerResult(method=method, token_ids=new, wall_time=wall)
