@@ -190,7 +190,7 @@ def test_folder_keeps_its_chat_template_and_gets_chatml_when_missing(tmp_path):
 
 
 def test_dtype_and_qwen2_folder(tmp_path):
-    lm = load(str(save_folder(tmp_path / "q", arch="qwen2")), dtype=torch.bfloat16, progress=False)
+    lm = load(save_folder(tmp_path / "q", arch="qwen2"), dtype=torch.bfloat16, progress=False)  # a Path works too
     assert lm.model.dtype == torch.bfloat16
     assert type(lm.model).__name__ == "Qwen2ForCausalLM"
 

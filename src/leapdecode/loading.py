@@ -410,13 +410,15 @@ def vocab_fingerprint(tokenizer) -> str:
 
 # ----- public entry points ------------------------------------------------------------------------------
 
-def load(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
          progress: bool = True) -> LoadedModel:
     """Load a preset name, a `.gguf` file, a local model folder, or a hub id from the local HF cache.
 
     Raises ModelNotFoundError (one line, saying what was tried) when nothing matches, and for a preset
     whose packages are missing (with the pip command that installs them).
     """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
     source = resolve(spec)
     what = {
         SourceKind.PRESET: "preset",
