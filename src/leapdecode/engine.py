@@ -65,7 +65,8 @@ class Decoder:
         self.draft = draft
         self.method = method
         self.lm = CausalLM(target.model)
-        self.drafter = self.spec.make_drafter(MethodBuild(target=target, draft=draft, options=dict(options)))
+        self.build = MethodBuild(target=target, draft=draft, options=dict(options))
+        self.drafter = self.spec.make_drafter(self.build)
 
     # ----- prompts -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt, chat: bool | None = None) -> list[int]:
@@ -105,7 +106,7 @@ class Decoder:
         generator = make_generator(settings.seed)
         limit = min(settings.max_new_tokens, context - len(prompt_ids))
         started = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), self.spec.patch_target(self.build):
             self.lm.reset()
             self.drafter.begin(prompt_ids, params)
             if len(prompt_ids) > 1:
@@ -128,7 +129,8 @@ class Decoder:
                 verdict = verify(tree, logits, params, generator)
                 nodes, new = verdict.accepted_nodes[0], verdict.tokens[0]
                 self.lm.keep_path(start, nodes)
-                self.drafter.update(DraftFeedback(proposed=tree.size, accepted=len(nodes), committed=new))
+                self.drafter.update(DraftFeedback(proposed=tree.size, accepted=len(nodes), committed=new,
+                                                  accepted_nodes=nodes, tree=tree, target_logits=logits))
                 stats.target_forward_passes += 1
                 stats.drafted_tokens += tree.size
                 stats.accept_lengths.append(len(new))

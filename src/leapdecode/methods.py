@@ -1,6 +1,9 @@
 """The method registry: each name maps to its drafter, its verification and its promise."""
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,6 +32,12 @@ class MethodSpec:
     make_drafter: Callable[[MethodBuild], Drafter]
     needs_draft_model: bool = False
     verification: str = "greedy: longest matching prefix + target token; sampling: exact speculative sampling"
+    # For methods that change how the target itself runs (layer skipping, early exit): a context manager
+    # entered around each generation, which must restore the model on exit.
+    target_patch: Callable[[MethodBuild], AbstractContextManager] | None = None
+
+    def patch_target(self, build: MethodBuild) -> AbstractContextManager:
+        return self.target_patch(build) if self.target_patch is not None else nullcontext()
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -39,6 +48,14 @@ def register(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"promise must be {LOSSLESS!r} or {LOSSY!r}")
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def _load_catalog() -> None:
+    """Import every module of `leapdecode.catalog`; each registers its family of methods."""
+    from . import catalog
+
+    for info in pkgutil.iter_modules(catalog.__path__):
+        importlib.import_module(f"{catalog.__name__}.{info.name}")
 
 
 def get_method(name: str) -> MethodSpec:
@@ -93,3 +110,5 @@ register(MethodSpec("pld", LOSSLESS, "prompt lookup: copy the continuation of th
 register(MethodSpec("draft", LOSSLESS, "a small draft model with the same tokenizer proposes K tokens "
                     "(adaptive K, optional BiLD confidence fallback)", "Leviathan et al. 2023; Chen et al. 2023; "
                     "Kim et al. 2023 (BiLD)", _draft, needs_draft_model=True))
+
+_load_catalog()

@@ -23,11 +23,14 @@ class DraftContext:
 
 @dataclass
 class DraftFeedback:
-    """What the target decided about the last proposal."""
+    """What the target decided about the last proposal (batch size 1)."""
 
     proposed: int  # nodes in the proposed tree
     accepted: int  # accepted nodes (the correction/bonus token is not counted)
     committed: list[int] = field(default_factory=list)  # tokens committed this step
+    accepted_nodes: list[int] = field(default_factory=list)  # tree node indices on the accepted path
+    tree: DraftTree | None = None  # the proposal itself (None when nothing was proposed)
+    target_logits: torch.Tensor | None = None  # (1, N+1, V): row 0 after the root, row i+1 after node i
 
 
 class Drafter(Protocol):
