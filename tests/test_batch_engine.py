@@ -1,0 +1,139 @@
+"""The batch engine: ragged verification equals per-sequence verification, and every request's output equals
+the same request decoded alone by `Decoder`, whatever joins, leaves or shares its batch."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from leapdecode import Decoder, DraftTree, SamplingParams
+from leapdecode.batch_engine import BatchEngine, verify_ragged
+from leapdecode.engine import _settings
+from leapdecode.verifiers import verify
+from conftest import tiny_loaded
+from test_exactness import random_prompts
+
+
+def _ragged_case(seed: int, batch: int = 5, vocab: int = 32):
+    """Random logits (B, Q, V) and chains of different lengths that follow the argmax for a while."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    sizes = [rng.randint(0, 6) for _ in range(batch)]
+    q = max(sizes) + 1
+    logits = torch.randn(batch, q, vocab) * 3
+    trees = []
+    for b, n in enumerate(sizes):
+        argmax = logits[b].argmax(-1).tolist()
+        good = rng.randint(0, n)
+        chain = argmax[:good] + [(t + 1) % vocab for t in argmax[good:n]]
+        trees.append(DraftTree.chain(torch.tensor(chain, dtype=torch.long)))
+    return trees, logits
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_ragged_verifier_equals_per_sequence_verification(seed, temperature):
+    trees, logits = _ragged_case(seed)
+    params = [SamplingParams(temperature=temperature if b % 2 else 0.0, top_p=0.95) for b in range(len(trees))]
+    gens = [torch.Generator().manual_seed(100 + b) for b in range(len(trees))]
+    ref_gens = [torch.Generator().manual_seed(100 + b) for b in range(len(trees))]
+    verdict = verify_ragged(trees, logits, params, gens)
+    for b, tree in enumerate(trees):
+        alone = verify(tree, logits[b : b + 1, : tree.size + 1], params[b], ref_gens[b])
+        assert verdict.accepted_nodes[b] == alone.accepted_nodes[0]
+        assert verdict.tokens[b] == alone.tokens[0]
+        assert len(verdict.accepted_nodes[b]) <= tree.size
+
+
+def _mixed_engine(arch: str, max_batch_size: int, compact_slack: int):
+    target = tiny_loaded(arch, scale=6.0)
+    draft = tiny_loaded(arch, seed=1, scale=6.0, layers=1)
+    methods = {"ar": {}, "pld": {}, "draft": {"num_draft_tokens": 4}}
+    engine = BatchEngine(target, methods, draft=draft, max_batch_size=max_batch_size, compact_slack=compact_slack)
+    return target, engine
+
+
+@pytest.mark.parametrize("max_batch_size,compact_slack", [(4, 0), (8, 16)])
+def test_greedy_outputs_equal_decoding_alone(arch, max_batch_size, compact_slack):
+    """Mixed methods and lengths, requests joining mid-run and waiting for a slot, prompts of one token."""
+    target, engine = _mixed_engine(arch, max_batch_size, compact_slack)
+    prompts = random_prompts(2, n=8) + [[5], [7, 7]]
+    methods = ["ar", "pld", "draft"]
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        method, n = methods[i % 3], 6 + 4 * i
+        jobs.append((prompt, method, n, engine.submit(prompt, method, _settings(max_new_tokens=n))))
+        if i % 3 == 2:  # let the batch run a little before the next ones arrive
+            engine.step()
+            engine.step()
+    engine.run_until_done()
+    ar = Decoder(target, "ar")
+    for prompt, method, n, handle in jobs:
+        assert handle.error is None
+        assert handle.result.token_ids == ar.generate(prompt, max_new_tokens=n).token_ids, method
+        assert handle.result.stats.stop_reason == "max_new_tokens"
+    assert engine.metrics.requests_finished == len(jobs)
+    assert engine.metrics.mean_batch_size > 1.5
+    assert engine.metrics.mean_accepted > 1.0  # pld and draft accepted something
+
+
+def test_cache_rows_equal_plain_prefill_after_steps(arch):
+    """Between steps, each row's valid columns hold exactly the KV entries of its committed text."""
+    target, engine = _mixed_engine(arch, max_batch_size=4, compact_slack=4)
+    for i, prompt in enumerate(random_prompts(3, n=4)):
+        engine.submit(prompt, ["pld", "ar", "draft"][i % 3], _settings(max_new_tokens=30))
+    checked = 0
+    for _ in range(6):
+        engine.step()
+        for b, row in enumerate(engine.rows):
+            ref = DynamicCache()
+            with torch.inference_mode():
+                target.model(input_ids=torch.tensor([row.tokens[:-1]]), cache=ref, use_cache=True)
+            cols = engine.cache.valid[b].nonzero().squeeze(1)
+            assert cols.numel() == len(row.tokens) - 1
+            for (keys, values), layer in zip(engine.cache.layers, ref.layers):
+                torch.testing.assert_close(keys[b][:, cols], layer.keys[0], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(values[b][:, cols], layer.values[0], atol=1e-5, rtol=1e-4)
+            checked += 1
+    assert checked >= 12
+
+
+def test_seeded_sampling_equals_decoding_alone():
+    target, engine = _mixed_engine("llama", max_batch_size=4, compact_slack=16)
+    prompts = random_prompts(4, n=4)
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        method = ["ar", "pld", "draft", "pld"][i]
+        kw = dict(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=10 + i)
+        jobs.append((prompt, method, kw, engine.submit(prompt, method, _settings(**kw))))
+    engine.run_until_done()
+    for prompt, method, kw, handle in jobs:
+        draft = engine.draft if method == "draft" else None
+        extra = {"num_draft_tokens": 4} if method == "draft" else {}
+        alone = Decoder(target, method, draft=draft, **extra).generate(prompt, **kw)
+        assert handle.result.token_ids == alone.token_ids, method
+
+
+def test_stops_match_decoder_and_cancel_frees_the_slot():
+    free = Decoder(tiny_loaded("qwen2", scale=6.0), "ar").generate(random_prompts(4)[1], max_new_tokens=30)
+    eos = free.token_ids[9]
+    target = tiny_loaded("qwen2", scale=6.0, stop_token_ids=[eos])
+    engine = BatchEngine(target, {"ar": {}, "pld": {}}, max_batch_size=2)
+    stop_text = " ".join(f"w{t}" for t in free.token_ids[4:6])
+    a = engine.submit(random_prompts(4)[1], "pld", _settings(max_new_tokens=30))
+    b = engine.submit(random_prompts(4)[0], "ar", _settings(max_new_tokens=30, stop=[stop_text]))
+    c = engine.submit(random_prompts(4)[1], "ar", _settings(max_new_tokens=30, stop=[stop_text]))
+    engine.step()
+    assert len(engine.rows) == 2 and engine.metrics.waiting == 1
+    b.cancel()
+    engine.step()  # the cancelled row leaves and the waiting request takes its slot in the same step
+    assert b.error == "cancelled" and len(engine.rows) == 2
+    engine.run_until_done()
+    for handle, prompt, kw in ((a, random_prompts(4)[1], {}), (c, random_prompts(4)[1], {"stop": [stop_text]})):
+        alone = Decoder(target, "ar").generate(prompt, max_new_tokens=30, **kw)
+        assert (handle.result.token_ids, handle.result.text) == (alone.token_ids, alone.text)
+        assert handle.result.stats.stop_reason == alone.stats.stop_reason
+    assert a.result.stats.stop_reason == "eos" and c.result.stats.stop_reason == "stop_string"
+    assert engine.rows == [] and engine.cache.width == 0
