@@ -4,6 +4,10 @@ Input-guided aggressive decoding (Sun et al., "Lossless Acceleration for Seq2seq
 Aggressive Decoding", 2022) and prompt lookup decoding (Saxena, 2023): when the output copies the input,
 the tokens that followed the last n-gram's earlier occurrence are a cheap, often right, draft. The match
 is searched in the prompt and in the output so far, longest n-gram first, most recent occurrence first.
+
+Multi-candidate drafting (method `pld-tree`, `num_branches` > 1): the continuations of several matches
+(different occurrences, different n-gram lengths) are merged into one token tree (at most `max_nodes`
+nodes) and verified in one pass; the default `num_branches=1` keeps the single chain.
 """
 from __future__ import annotations
 
@@ -13,15 +17,20 @@ import torch
 from ..sampling import SamplingParams
 from ..tree import DraftTree
 from .base import AdaptiveLength, DraftContext, DraftFeedback
+from .trie import trie_from_sequences
 
 
 class PromptLookupDrafter:
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_draft_tokens: int = 10, adaptive: bool = False):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_draft_tokens: int = 10, adaptive: bool = False,
+                 num_branches: int = 1, max_nodes: int = 32):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         if num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+        if num_branches < 1 or max_nodes < 1:
+            raise ValueError(f"num_branches and max_nodes must be >= 1, got {num_branches}, {max_nodes}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.num_branches, self.max_nodes = num_branches, max_nodes
         self.length = AdaptiveLength(num_draft_tokens, high=max(num_draft_tokens, 32), enabled=adaptive)
 
     def begin(self, prompt: list[int], params: SamplingParams) -> None:
@@ -31,6 +40,10 @@ class PromptLookupDrafter:
         budget = min(self.length.value, ctx.max_tokens)
         if budget <= 0:
             return None
+        if self.num_branches > 1:
+            found = find_continuations(np.asarray(ctx.tokens, dtype=np.int64), self.min_ngram, self.max_ngram,
+                                       budget, self.num_branches)
+            return trie_from_sequences(found, min(ctx.max_tokens, self.max_nodes))
         draft = find_continuation(np.asarray(ctx.tokens, dtype=np.int64), self.min_ngram, self.max_ngram, budget)
         if draft is None:
             return None
@@ -55,3 +68,20 @@ def find_continuation(tokens: np.ndarray, min_ngram: int, max_ngram: int, length
             start = int(full[-1] if full.size else hits[0]) + n
             return tokens[start : start + length]
     return None
+
+
+def find_continuations(tokens: np.ndarray, min_ngram: int, max_ngram: int, length: int, count: int) -> list[list[int]]:
+    """Up to `count` distinct continuations (each up to `length` tokens) of earlier occurrences of the suffix
+    n-grams: longest n first, then most recent occurrence first."""
+    total = tokens.shape[0]
+    found: list[list[int]] = []
+    for n in range(min(max_ngram, total - 1), min_ngram - 1, -1):
+        suffix = tokens[total - n :]
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[: total - 1], n)
+        for hit in np.flatnonzero((windows == suffix).all(axis=1))[::-1]:
+            cont = tokens[hit + n : hit + n + length].tolist()
+            if cont and not any(f[: len(cont)] == cont for f in found):
+                found.append(cont)
+                if len(found) >= count:
+                    return found
+    return found

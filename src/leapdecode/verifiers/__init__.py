@@ -1,6 +1,8 @@
 """Verifiers: read a draft tree and the target's logits for every node, return what is accepted.
 
-`verify` picks greedy verification for temperature 0 and exact speculative sampling otherwise.
+`verify` picks greedy verification for temperature 0; under sampling, exact speculative sampling for a
+chain, SpecTr's k-sequential selection for a `MultiDraftTree` (k independent drafts), and recursive
+rejection sampling for any other branching tree.
 """
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ from ..sampling import SamplingParams
 from ..tree import DraftTree
 from .base import Verdict
 from .greedy import verify_greedy
+from .kseq import MultiDraftTree, verify_kseq
 from .speculative_sampling import verify_sampling
+from .tree_sampling import verify_tree_sampling
 
 
 def verify(
@@ -19,7 +23,12 @@ def verify(
     """target_logits: (B, N+1, V), row 0 after the root, row i+1 after node i."""
     if params.greedy:
         return verify_greedy(tree, target_logits)
-    return verify_sampling(tree, target_logits, params, generator)
+    if isinstance(tree, MultiDraftTree) and tree.drafts:
+        return verify_kseq(tree, target_logits, params, generator)
+    if tree.layout.is_chain:
+        return verify_sampling(tree, target_logits, params, generator)
+    return verify_tree_sampling(tree, target_logits, params, generator)
 
 
-__all__ = ["Verdict", "verify", "verify_greedy", "verify_sampling"]
+__all__ = ["MultiDraftTree", "Verdict", "verify", "verify_greedy", "verify_kseq", "verify_sampling",
+           "verify_tree_sampling"]

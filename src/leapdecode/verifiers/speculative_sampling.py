@@ -24,8 +24,10 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def verify_sampling(
     tree: DraftTree, target_logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> Verdict:
-    if not tree.layout.is_chain:
-        raise NotImplementedError("sampling verification of branching trees lives in the tree verifier")
+    if not tree.layout.is_chain:  # branching trees: recursive rejection over siblings
+        from .tree_sampling import verify_tree_sampling
+
+        return verify_tree_sampling(tree, target_logits, params, generator)
     p_all = probs_from_logits(target_logits, params)  # (B, K+1, V)
     accepted_all, tokens_all = [], []
     for b in range(p_all.shape[0]):
