@@ -254,7 +254,10 @@ class SequenceHandle:
         if update.finished:
             self.result, self.error = update.result, update.error
         if self.on_update is not None:
-            self.on_update(update)
+            try:
+                self.on_update(update)
+            except Exception:  # a broken receiver must not break the batch: drop this request instead
+                self.cancelled = True
         if update.finished:
             self.done.set()
 

@@ -203,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_parser = None
     if add_bench_parser is not None:
         add_bench_parser(sub)
+    try:
+        from .server.cli import add_parser as add_server_parser
+    except ImportError:
+        add_server_parser = None
+    if add_server_parser is not None:
+        add_server_parser(sub)
     return parser
 
 

@@ -1,0 +1,369 @@
+"""The FastAPI app: OpenAI-compatible completions over a `BatchEngine` running in a worker thread.
+
+```
+HTTP request ──► parse_request (400 on bad input) ──► tokenize (chat template, or plain text) ──► engine.submit
+engine worker thread: step() loop ──► SequenceUpdate ──► loop.call_soon_threadsafe ──► asyncio.Queue per request
+handler: JSON response at the end, or SSE chunks as updates arrive ("data: {...}\n\n", then "data: [DONE]")
+a client gone (stream closed, or disconnect seen while waiting) ──► handle.cancel() ──► slot freed next step
+```
+Chat requests use the tokenizer's chat template when the model has one; without one, the messages' contents
+are joined as plain text, one message per line (roles are dropped).
+Prompts are tokenized on the event loop with a private copy of the tokenizer, so they never share Rust
+tokenizer state with the engine thread's decoding.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import json
+import socket
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..batch_engine import BatchEngine, SequenceHandle, SequenceUpdate
+from ..engine import GenerationSettings
+from ..errors import LeapdecodeError, PromptTooLongError
+from ..sampling import SamplingParams
+from ..stats import GenerationResult
+from .schema import CHAT, COMPLETION, APIError, CompletionRequest, parse_request
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_name: str  # the id clients pass as `model`
+    default_method: str = "ar"
+    max_tokens_limit: int | None = None  # None: the model's context length
+    default_max_tokens: int = 256  # when a request gives no max_tokens (capped by the limit)
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass
+class _Counters:
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)  # (endpoint, status) -> count
+
+    def count(self, endpoint: str, status: int) -> None:
+        key = (endpoint, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+
+def _error(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def _finish_reason(result: GenerationResult) -> str:
+    return "stop" if result.stats.stop_reason in ("eos", "stop_string") else "length"
+
+
+def _usage(result: GenerationResult) -> dict:
+    p, c = len(result.prompt_ids), len(result.token_ids)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _stats(result: GenerationResult) -> dict:
+    st = result.stats
+    return {"method": st.method, "mean_accepted": round(st.mean_accepted, 4),
+            "acceptance_rate": round(st.acceptance_rate, 4), "target_forward_passes": st.target_forward_passes,
+            "drafted_tokens": st.drafted_tokens, "stop_reason": st.stop_reason,
+            "wall_time": round(st.wall_time, 4), "tokens_per_s": round(st.tokens_per_s, 2)}
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+class _Service:
+    """Request handling shared by both endpoints."""
+
+    def __init__(self, engine: BatchEngine, config: ServerConfig):
+        self.engine, self.config = engine, config
+        target = engine.target
+        self.tokenizer = copy.deepcopy(target.tokenizer)  # for the event loop thread only
+        self.has_chat_template = target.has_chat_template
+        self.limit = config.max_tokens_limit or target.context_length
+        self.counters = _Counters()
+        self.started = int(time.time())
+
+    # ----- request -> engine -----
+    def encode(self, req: CompletionRequest) -> list[int]:
+        tok = self.tokenizer
+        if req.kind == CHAT:
+            if self.has_chat_template:
+                ids = tok.apply_chat_template(list(req.messages), add_generation_prompt=True, tokenize=True)
+                ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            else:
+                ids = tok("\n".join(m["content"] for m in req.messages), add_special_tokens=True)["input_ids"]
+        elif isinstance(req.prompt, str):
+            ids = tok(req.prompt, add_special_tokens=True)["input_ids"]
+        else:
+            vocab = self.engine.target.vocab_size
+            if any(not 0 <= t < vocab for t in req.prompt):
+                raise APIError(400, f"token ids must be in [0, {vocab})", "prompt")
+            ids = list(req.prompt)
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise APIError(400, "the prompt is empty after tokenization", "messages" if req.kind == CHAT else "prompt")
+        context = self.engine.target.context_length
+        if len(ids) >= context:
+            raise APIError(400, f"the prompt has {len(ids)} tokens but the model's context is {context} tokens",
+                           "messages" if req.kind == CHAT else "prompt", "context_length_exceeded")
+        return ids
+
+    def settings(self, req: CompletionRequest) -> tuple[str, GenerationSettings]:
+        if req.model is not None and req.model != self.config.model_name:
+            raise APIError(404, f"the model '{req.model}' does not exist; this server serves "
+                           f"'{self.config.model_name}'", "model", "model_not_found")
+        method = req.method or self.config.default_method
+        if method not in self.engine.methods:
+            raise APIError(400, f"unknown method '{method}'; this server loaded: {', '.join(self.engine.methods)}",
+                           "method", "unknown_method")
+        max_tokens = req.max_tokens if req.max_tokens is not None else min(self.config.default_max_tokens, self.limit)
+        if not 0 < max_tokens <= self.limit:
+            raise APIError(400, f"'max_tokens' must be in [1, {self.limit}], got {max_tokens}", "max_tokens")
+        try:
+            params = SamplingParams(temperature=req.temperature, top_p=req.top_p)
+            return method, GenerationSettings(max_new_tokens=max_tokens, params=params, seed=req.seed, stop=req.stop)
+        except LeapdecodeError as err:
+            raise APIError(400, str(err)) from None
+
+    def submit(self, req: CompletionRequest) -> tuple[SequenceHandle, asyncio.Queue, list[int], str]:
+        method, settings = self.settings(req)
+        ids = self.encode(req)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[SequenceUpdate] = asyncio.Queue()
+
+        def deliver(update: SequenceUpdate) -> None:  # called on the engine thread
+            loop.call_soon_threadsafe(queue.put_nowait, update)
+
+        try:
+            handle = self.engine.submit(ids, method, settings, on_update=deliver)
+        except PromptTooLongError as err:
+            raise APIError(400, str(err), code="context_length_exceeded") from None
+        except LeapdecodeError as err:
+            raise APIError(400, str(err)) from None
+        return handle, queue, ids, method
+
+    # ----- responses -----
+    def _choice(self, req: CompletionRequest, text: str, finish: str | None, delta: bool, first: bool = False) -> dict:
+        if req.kind == COMPLETION:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        if delta:
+            body = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            return {"index": 0, "delta": body, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish}
+
+    def _envelope(self, req: CompletionRequest, rid: str, chunk: bool) -> dict:
+        kind = "chat.completion" if req.kind == CHAT else "text_completion"
+        return {"id": rid, "object": kind + (".chunk" if chunk and req.kind == CHAT else ""),
+                "created": int(time.time()), "model": self.config.model_name}
+
+    async def complete(self, request: Request, req: CompletionRequest) -> Response:
+        handle, queue, _, _ = self.submit(req)
+        rid = ("chatcmpl-" if req.kind == CHAT else "cmpl-") + uuid.uuid4().hex[:24]
+        try:
+            while True:
+                try:
+                    update = await asyncio.wait_for(queue.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        handle.cancel()
+                        return Response(status_code=499)
+                    continue
+                if update.finished:
+                    break
+        finally:
+            handle.cancel()  # a no-op once finished; frees the slot if this handler is cancelled
+        if update.error:
+            raise APIError(500, f"generation failed: {update.error}", type="server_error")
+        result = update.result
+        body = self._envelope(req, rid, chunk=False)
+        body["choices"] = [self._choice(req, result.text, _finish_reason(result), delta=False)]
+        body["usage"] = _usage(result)
+        body["leapdecode"] = _stats(result)
+        return JSONResponse(body)
+
+    def stream(self, req: CompletionRequest) -> StreamingResponse:
+        handle, queue, _, _ = self.submit(req)
+        rid = ("chatcmpl-" if req.kind == CHAT else "cmpl-") + uuid.uuid4().hex[:24]
+
+        async def events():
+            try:
+                if req.kind == CHAT:  # the first chunk carries the role
+                    yield _sse({**self._envelope(req, rid, True), "choices": [self._choice(req, "", None, True, True)]})
+                while True:
+                    update = await queue.get()
+                    if update.text:
+                        yield _sse({**self._envelope(req, rid, True),
+                                    "choices": [self._choice(req, update.text, None, True)]})
+                    if not update.finished:
+                        continue
+                    if update.error:
+                        yield _sse(APIError(500, f"generation failed: {update.error}", type="server_error").body())
+                        break
+                    result = update.result
+                    final = {**self._envelope(req, rid, True),
+                             "choices": [self._choice(req, "", _finish_reason(result), True)],
+                             "usage": _usage(result), "leapdecode": _stats(result)}
+                    yield _sse(final)
+                    if req.include_usage:  # OpenAI's usage-only chunk
+                        yield _sse({**self._envelope(req, rid, True), "choices": [], "usage": _usage(result)})
+                    break
+                yield _sse("[DONE]")
+            finally:
+                handle.cancel()  # the client went away (or we are done): free the slot
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ----- metrics -----
+    def prometheus(self) -> str:
+        m = self.engine.metrics
+        lines = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(f"{name}{labels} {value:g}" for labels, value in samples)
+
+        metric("leapdecode_requests_total", "counter", "Generation requests answered, by endpoint and HTTP status.",
+               [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in sorted(self.counters.requests.items())]
+               or [('{endpoint="all",status="200"}', 0)])
+        metric("leapdecode_requests_finished_total", "counter", "Generations finished by the engine.",
+               [("", m.requests_finished)])
+        metric("leapdecode_requests_cancelled_total", "counter", "Generations cancelled (client gone).",
+               [("", m.requests_cancelled)])
+        metric("leapdecode_tokens_generated_total", "counter", "Tokens committed over all requests.",
+               [("", m.tokens_generated)])
+        metric("leapdecode_busy_seconds_total", "counter", "Seconds the engine spent stepping.", [("", m.busy_seconds)])
+        metric("leapdecode_tokens_per_second", "gauge", "Tokens generated per busy second since start.",
+               [("", m.tokens_per_s)])
+        metric("leapdecode_target_forward_passes_total", "counter", "Batched target forward passes.",
+               [("", m.batch_passes)])
+        metric("leapdecode_mean_accepted_tokens", "gauge",
+               "Mean tokens committed per sequence per target pass (1.0 for plain decoding).", [("", m.mean_accepted)])
+        metric("leapdecode_queue_depth", "gauge", "Requests waiting for a batch slot.", [("", m.waiting)])
+        metric("leapdecode_batch_size", "gauge", "Sequences in the running batch.", [("", m.running)])
+        metric("leapdecode_mean_batch_size", "gauge", "Mean sequences per target pass since start.",
+               [("", m.mean_batch_size)])
+        return "\n".join(lines) + "\n"
+
+
+def create_app(engine: BatchEngine, config: ServerConfig) -> FastAPI:
+    """The app; its lifespan starts the engine's worker thread and stops it on shutdown."""
+    service = _Service(engine, config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.close()
+
+    app = FastAPI(title="leapdecode", lifespan=lifespan)
+    app.state.service = service
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if config.api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+                return _error(APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                       code="invalid_api_key", type="authentication_error"))
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError):
+        return _error(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        return _error(APIError(err.status_code, str(err.detail), type="invalid_request_error"))
+
+    async def generation(request: Request, kind: str, endpoint: str) -> Response:
+        try:
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > config.max_body_bytes:
+                raise APIError(413, f"the request body is over {config.max_body_bytes} bytes", code="body_too_large")
+            raw = await request.body()
+            if len(raw) > config.max_body_bytes:
+                raise APIError(413, f"the request body is over {config.max_body_bytes} bytes", code="body_too_large")
+            req = parse_request(raw, kind)
+            response = service.stream(req) if req.stream else await service.complete(request, req)
+        except APIError as err:
+            service.counters.count(endpoint, err.status)
+            return _error(err)
+        service.counters.count(endpoint, response.status_code)
+        return response
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generation(request, CHAT, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generation(request, COMPLETION, "completions")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": config.model_name, "object": "model", "created": service.started, "owned_by": "leapdecode",
+            "methods": engine.methods, "default_method": config.default_method,
+            "context_length": engine.target.context_length, "max_tokens_limit": service.limit}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(service.prometheus(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+class BackgroundServer:
+    """Run an app with uvicorn in a thread on 127.0.0.1 and a free port (for tests and benchmarks)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

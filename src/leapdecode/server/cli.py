@@ -1,0 +1,84 @@
+"""`leapdecode serve` (the HTTP server) and `leapdecode bench-serve` (a load generator against it)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..errors import LeapdecodeError
+
+
+def _methods(text: str, draft: bool) -> list[str]:
+    """`--method pld` or `--method pld,draft`: the first is the default; ar is always served too."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise LeapdecodeError("--method needs at least one method name")
+    for extra in ["ar"] + (["draft"] if draft else []):
+        if extra not in names:
+            names.append(extra)
+    return names
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .. import load
+    from ..batch_engine import BatchEngine
+    from ..cli import parse_options
+    from .app import ServerConfig, create_app
+
+    methods = _methods(args.method, bool(args.draft_model))
+    options = parse_options(args.option)
+    if args.max_batch_size < 1:
+        raise LeapdecodeError("--max-batch-size must be >= 1")
+    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
+        raise LeapdecodeError("--max-tokens-limit must be >= 1")
+    target = load(args.model)
+    draft = load(args.draft_model) if args.draft_model else None
+    engine = BatchEngine(target, {m: (options if m == methods[0] else {}) for m in methods}, draft=draft,
+                         max_batch_size=args.max_batch_size)
+    config = ServerConfig(model_name=args.served_model_name or args.model, default_method=methods[0],
+                          max_tokens_limit=args.max_tokens_limit, api_key=args.api_key or None)
+    app = create_app(engine, config)
+    print(f"leapdecode: serving {config.model_name} (methods {', '.join(methods)}; default {methods[0]}) "
+          f"on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from .bench import run_bench_serve
+
+    return run_bench_serve(args)
+
+
+def add_parser(subparsers) -> None:
+    from ..cli import add_model_arguments
+
+    s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    add_model_arguments(s)
+    s.add_argument("--method", default="pld",
+                   help="default decoding method, or a comma list of methods to load (first = default; ar is "
+                        "always loaded, and draft when --draft-model is given). Requests pick one with \"method\"")
+    s.add_argument("--option", action="append", metavar="KEY=VALUE", help="option of the default method")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (default 8)")
+    s.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="largest max_tokens a request may ask for (default: the model's context length)")
+    s.add_argument("--api-key", default=os.environ.get("LEAPDECODE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                        "(default $LEAPDECODE_API_KEY)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
+
+    b = subparsers.add_parser("bench-serve", help="send concurrent requests to a server; throughput and latency")
+    b.add_argument("--url", default=None, help="a running server (default: start `leapdecode serve` for --model)")
+    add_model_arguments(b)
+    b.add_argument("--methods", default="ar,pld", help="comma list of methods to compare (default ar,pld)")
+    b.add_argument("--batch-sizes", default="1,4,8", help="concurrency levels, comma list (default 1,4,8)")
+    b.add_argument("--requests", type=int, default=8, help="requests per (method, batch size) (default 8)")
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--api-key", default=os.environ.get("LEAPDECODE_API_KEY"))
+    b.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    b.set_defaults(func=cmd_bench_serve)
