@@ -241,3 +241,18 @@ def test_load_32_concurrent_streams(served):
     assert engine.cache.width == 0 and engine.rows == []
     gc.collect()
     assert process.memory_info().rss - before < 64 * 2**20
+
+
+def test_bench_serve_against_a_running_server(capsys):
+    import argparse
+
+    from leapdecode.server.bench import run_bench_serve
+
+    engine = BatchEngine(tiny_loaded("llama", scale=6.0, context_length=1024), {"ar": {}, "pld": {}}, max_batch_size=4)
+    app = create_app(engine, ServerConfig(model_name=MODEL, default_method="pld"))
+    with BackgroundServer(app) as server:
+        args = argparse.Namespace(url=server.url, model=None, draft_model=None, methods="ar,pld", batch_sizes="1,2",
+                                  requests=3, max_tokens=6, api_key=None, json=None)
+        assert run_bench_serve(args) == 0
+    out = capsys.readouterr().out
+    assert "tok/s" in out and "batch 2: throughput vs ar: pld" in out
