@@ -20,6 +20,7 @@ from leapdecode.bench.runner import (
     _peer_accept_lengths,
     make_runner,
     run_benchmark,
+    valid_method_names,
 )
 from leapdecode.bench.summary import CATEGORY_KEYS, METHOD_KEYS, SUMMARY_KEYS
 from leapdecode.cli import main
@@ -277,7 +278,7 @@ def _no_loading(spec):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--methods", "ar,nope"], "unknown method nope; valid methods: ar, draft, pld, hf-ar, hf-pld, hf-assisted"),
+        (["--methods", "ar,nope"], f"unknown method nope; valid methods: {', '.join(valid_method_names())}"),
         (["--methods", "ar,hf-assisted"], "method hf-assisted needs a draft model (--draft-model)"),
         (["--methods", "draft"], "method draft needs a draft model"),
         (["--categories", "copy,poetry"], "unknown category poetry in"),
@@ -312,6 +313,12 @@ def test_malformed_jsonl_and_bad_out_dir_are_reported_before_loading(tmp_path, m
     assert "is not writable" in capsys.readouterr().err
     assert main(["bench", "--questions", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "question file not found" in capsys.readouterr().err
+
+
+def test_valid_methods_are_the_registry_then_the_peers():
+    names = valid_method_names()
+    assert {"ar", "pld", "draft"} <= set(names)
+    assert names[-3:] == ["hf-ar", "hf-pld", "hf-assisted"]
 
 
 def test_run_benchmark_checks_methods_itself(tmp_path):

@@ -90,13 +90,24 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
     return names
 
 
+def split_variant(method: str) -> tuple[str, dict]:
+    """``ffn-skip@fraction=0.3@warmup_tokens=2`` -> ("ffn-skip", {"fraction": 0.3, "warmup_tokens": 2}):
+    one method with its options, so a run can compare several settings of a method."""
+    from leapdecode.cli import parse_options
+
+    base, *pairs = method.split("@")
+    return base, parse_options(pairs)
+
+
 def needs_draft(method: str) -> bool:
     """True for methods that cannot run without a draft model."""
+    method = split_variant(method)[0]
     return method == "hf-assisted" or (method not in PEER_METHODS and get_method(method).needs_draft_model)
 
 
 def is_lossless(method: str) -> bool:
     """Lossless engine methods, and the peers (transformers' greedy generate, exact by design)."""
+    method = split_variant(method)[0]
     return method in PEER_METHODS or get_method(method).promise == LOSSLESS
 
 
@@ -110,7 +121,7 @@ def check_methods(
     """
     names = parse_methods(methods)
     valid = valid_method_names()
-    unknown = [n for n in names if n not in valid]
+    unknown = [n for n in names if split_variant(n)[0] not in valid]
     if unknown:
         raise InvalidSettingError(
             f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
@@ -176,7 +187,8 @@ class EngineRunner:
 
         self.name = name
         self.settings = settings
-        self.decoder = Decoder(target, name, draft=draft if needs_draft(name) else None)
+        base, options = split_variant(name)
+        self.decoder = Decoder(target, base, draft=draft if needs_draft(name) else None, **options)
 
     def run(self, prompt_ids: list[int], max_new_tokens: int) -> TurnOutput:
         result = self.decoder.generate(
@@ -436,6 +448,10 @@ def run_benchmark(
             answers.append(prompts.answer_text(output.token_ids))
         return _Run(answers, outputs, max(peaks) if peaks else None)
 
+    load_start = _load_average()
+    if load_start is not None and load_start > 0.5 * (os.cpu_count() or 1):
+        print(f"note: the load average is {load_start:.1f} on {os.cpu_count()} cores: other processes "
+              "compete for the CPU and timings will be noisy", file=log)
     bar = _progress_bar(len(questions) * len(names) * settings.repeats, progress)
     try:
         with _quiet_transformers():
@@ -484,6 +500,7 @@ def run_benchmark(
         "temperature": settings.temperature,
         "seed": settings.seed,
         "torch_threads": _torch_threads(),
+        "load_average": _load_note(load_start, _load_average()),
         "prompt_format": "chat template" if prompts.chat else "plain text: turns and answers joined by blank lines",
         "order": "per question: each repeat runs every method back to back (interleaved)",
         "timing": f"median of {settings.repeats} repeat(s) by wall time; warm-up run per method not timed",
@@ -503,6 +520,9 @@ def run_benchmark(
         files += write_plots(out, summary, records)
     lossless = [n for n in names if is_lossless(n)] if settings.greedy else None
     files.append(write_report(out, summary, records, command_line, lossless=lossless))
+    from leapdecode.bench.quality import write_quality
+
+    files += write_quality(out, summary, records, questions, [n for n in names if is_lossless(n)], plots=plots)
     return BenchResult(records, summary, flagged, interrupted, files, call_order)
 
 
@@ -534,6 +554,20 @@ def _record(question: Question, method: str, run: _Run) -> AnswerRecord:
         target_forward_passes=sum(o.target_forward_passes for o in outs),
         accept_lengths=[n for o in outs for n in o.accept_lengths],
     )
+
+
+def _load_average() -> float | None:
+    """The 1-minute system load average (None where unknown)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _load_note(start: float | None, end: float | None) -> str:
+    if start is None or end is None:
+        return "unknown"
+    return f"{start:.1f} at start, {end:.1f} at end ({os.cpu_count()} logical cores; above ~half the cores means contention)"
 
 
 def _torch_threads() -> int:
