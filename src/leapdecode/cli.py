@@ -209,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_server_parser = None
     if add_server_parser is not None:
         add_server_parser(sub)
+    try:
+        from .lossy.cli import add_parser as add_layer_skip_parser
+    except ImportError:
+        add_layer_skip_parser = None
+    if add_layer_skip_parser is not None:
+        add_layer_skip_parser(sub)
     return parser
 
 

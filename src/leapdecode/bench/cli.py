@@ -38,7 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_model_arguments(p)
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help=f"comma-separated engine methods and peers (default {DEFAULT_METHODS}; "
+                   help=f"comma-separated engine methods and peers, each optionally with options as "
+                   f"method@key=value@key=value (e.g. ffn-skip@fraction=0.3) (default {DEFAULT_METHODS}; "
                    f"valid: {', '.join(valid_method_names())})")
     p.add_argument("--questions", default="suite",
                    help="Spec-Bench-style JSONL file, or 'suite' (benchmarks/suite.jsonl, the default) or "
