@@ -35,7 +35,7 @@ class MultiDraftTree(DraftTree):
     drafts: tuple[tuple[int, ...], ...] = ()  # (k, ragged) node indices of each draft, root to leaf
 
 
-def kseq_gamma(p: torch.Tensor, q: torch.Tensor, m: int, iterations: int = 30) -> float:
+def kseq_gamma(p: torch.Tensor, q: torch.Tensor, m: int, iterations: int = 20) -> float:
     """The smallest gamma in [1, m] with (1 - (1 - beta)^m) / beta <= gamma (bisection)."""
 
     def ok(gamma: float) -> bool:
