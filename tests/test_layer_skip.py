@@ -28,16 +28,15 @@ def logits_of(model, ids=(1, 5, 9, 2, 7)):
 
 
 @pytest.mark.parametrize("options", [{}, {"draft_layers": 3, "num_draft_tokens": 3},
-                                     {"skip_attention": "2,4", "skip_ffn": [1, 3, 4], "adaptive": False},
-                                     {"skip_layers": "1-3"}])
+                                     {"skip_attention": "2,4", "skip_ffn": [1, 3, 4], "adaptive": False}])
 def test_self_spec_greedy_equals_ar(arch, options):
     target = tiny_loaded(arch, layers=LAYERS, scale=6.0)
     before = logits_of(target.model)
     ar, spec = Decoder(target, "ar"), Decoder(target, "self-spec", **options)
     accepted = 0
-    for prompt in random_prompts(11, n=4):
-        ref = ar.generate(prompt, max_new_tokens=32)
-        out = spec.generate(prompt, max_new_tokens=32)
+    for prompt in random_prompts(11, n=3):
+        ref = ar.generate(prompt, max_new_tokens=24)
+        out = spec.generate(prompt, max_new_tokens=24)
         assert out.token_ids == ref.token_ids
         accepted += sum(out.stats.accept_lengths) - len(out.stats.accept_lengths)
     assert accepted > 0  # the skipped draft agrees with the full model sometimes: drafts were used
@@ -49,7 +48,7 @@ def test_self_spec_skip_config_file(tmp_path):
     target = tiny_loaded("llama", layers=LAYERS, scale=6.0)
     path = tmp_path / "skip.json"
     path.write_text(json.dumps({"skip_attention": [3], "skip_ffn": [2, 3, 4]}))
-    ar, spec = Decoder(target, "ar"), Decoder(target, "self-spec", skip_config=str(path))
+    ar, spec = Decoder(target, "ar"), Decoder(target, "self-spec", skip_config=str(path), skip_layers=None)
     assert spec.drafter.skip == SkipSet.of(attention=[3], ffn=[2, 3, 4])
     for prompt in random_prompts(12, n=3):
         assert spec.generate(prompt, max_new_tokens=24).token_ids == ar.generate(prompt, max_new_tokens=24).token_ids
@@ -59,7 +58,7 @@ def test_self_spec_sampling_matches_target_distribution():
     target = tiny_loaded("llama", vocab_size=VOCAB, layers=4, scale=3.0)
     params = SamplingParams(temperature=1.0)
     decoder = Decoder(target, "self-spec", skip_layers=[1, 2], num_draft_tokens=2, adaptive=False)
-    runs, counts, accepted = 1500, Counter(), 0
+    runs, counts, accepted = 1000, Counter(), 0
     for seed in range(runs):
         out = decoder.generate(PROMPT, max_new_tokens=3, temperature=1.0, seed=seed)
         counts[tuple(out.token_ids)] += 1

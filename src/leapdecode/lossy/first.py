@@ -14,6 +14,7 @@ distributions (KL) while a sparsity term `sparsity * mean(g)` pushes gates towar
 """
 from __future__ import annotations
 
+import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ class Routers:
     def load(cls, path) -> "Routers":
         try:
             data = torch.load(Path(path), map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError) as err:
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
             raise InvalidSettingError(f"cannot read routers from {path}: {err}") from None
         if not isinstance(data, dict) or data.get("kind") != "leapdecode-first-routers":
             raise InvalidSettingError(f"{path} is not a FiRST router file (make one with `leapdecode train-router`)")
@@ -191,10 +192,10 @@ def train_routers(model, texts: list[list[int]], *, steps: int = 40, lr: float =
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             keep_mean = float(g.mean())
             if log is not None and (step % 10 == 0 or step == steps - 1):
-                print(f"step {step + 1}/{steps}: loss {float(loss):.4f} (kl {float(kl):.4f}), mean keep {keep_mean:.3f}", file=log)
+                print(f"step {step + 1}/{steps}: loss {losses[-1]:.4f} (kl {float(kl.detach()):.4f}), mean keep {keep_mean:.3f}", file=log)
     finally:
         model.train(was_training)
     routers.weight, routers.bias = weight.detach(), bias.detach()
