@@ -34,6 +34,7 @@ from typing import Callable, Mapping
 import torch
 from transformers import DynamicCache
 
+from . import kv_cache
 from .drafters.base import DraftContext, DraftFeedback, Drafter
 from .engine import GenerationSettings
 from .errors import InvalidSettingError, LeapdecodeError, PromptTooLongError
@@ -210,16 +211,14 @@ class RaggedCache:
             if nodes:
                 new_valid[b, torch.tensor(nodes) + 1] = True
         self.valid = torch.cat([self.valid, new_valid], 1)
-        self._read_back()
         used = self.valid.any(0).nonzero()
         end = int(used[-1]) + 1 if used.numel() else 0
-        if end < self.width:  # nobody kept the last columns: crop them
+        if end < self.width:  # nobody kept the last columns: crop them (views, no copy)
             self.valid = self.valid[:, :end]
-            self.layers = [(k[..., :end, :], v[..., :end, :]) for k, v in self.layers]
+            kv_cache.crop(self.cache, end)
+        self._read_back()
         if self.width - int(self.lengths().max()) > self.compact_slack:
             self.compact()
-        else:
-            self._rebuild()
 
 
 # ----- requests and their state ------------------------------------------------------------------------

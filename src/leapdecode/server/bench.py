@@ -102,6 +102,8 @@ def _start_server(args, methods: list[str], max_batch: int) -> tuple[subprocess.
         cmd += ["--draft-model", args.draft_model]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
+    if getattr(args, "threads", None):
+        cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900

@@ -26,6 +26,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..cli import parse_options
     from .app import ServerConfig, create_app
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     methods = _methods(args.method, bool(args.draft_model))
     options = parse_options(args.option)
     if args.max_batch_size < 1:
@@ -69,6 +73,8 @@ def add_parser(subparsers) -> None:
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                         "(default $LEAPDECODE_API_KEY)")
     s.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice; 1 is often faster on a busy CPU)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 
@@ -80,5 +86,6 @@ def add_parser(subparsers) -> None:
     b.add_argument("--requests", type=int, default=8, help="requests per (method, batch size) (default 8)")
     b.add_argument("--max-tokens", type=int, default=64)
     b.add_argument("--api-key", default=os.environ.get("LEAPDECODE_API_KEY"))
+    b.add_argument("--threads", type=int, default=None, help="passed to the server it starts (serve --threads)")
     b.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     b.set_defaults(func=cmd_bench_serve)
