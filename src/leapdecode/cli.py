@@ -204,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     if add_bench_parser is not None:
         add_bench_parser(sub)
     try:
+        from .training.cli import add_parser as add_training_parser
+    except ImportError:
+        add_training_parser = None
+    if add_training_parser is not None:
+        add_training_parser(sub)
+    try:
         from .server.cli import add_parser as add_server_parser
     except ImportError:
         add_server_parser = None

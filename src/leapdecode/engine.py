@@ -67,6 +67,7 @@ class Decoder:
         self.lm = CausalLM(target.model)
         self.build = MethodBuild(target=target, draft=draft, options=dict(options))
         self.drafter = self.spec.make_drafter(self.build)
+        self.lm.keep_hidden = bool(getattr(self.drafter, "needs_target_hidden", False))
 
     # ----- prompts -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt, chat: bool | None = None) -> list[int]:
@@ -130,7 +131,8 @@ class Decoder:
                 nodes, new = verdict.accepted_nodes[0], verdict.tokens[0]
                 self.lm.keep_path(start, nodes)
                 self.drafter.update(DraftFeedback(proposed=tree.size, accepted=len(nodes), committed=new,
-                                                  accepted_nodes=nodes, tree=tree, target_logits=logits))
+                                                  accepted_nodes=nodes, tree=tree, target_logits=logits,
+                                                  target_hidden=self.lm.last_hidden))
                 stats.target_forward_passes += 1
                 stats.drafted_tokens += tree.size
                 stats.accept_lengths.append(len(new))

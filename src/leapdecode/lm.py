@@ -23,6 +23,12 @@ class CausalLM:
         self.layer_type_names = sorted(set(types))
         self.device = next(model.parameters()).device
         self.forward_passes = 0
+        # Drafters that read the target's features (medusa, hydra, falcon) set `keep_hidden`; each pass then
+        # asks for `output_hidden_states` and keeps the last entry in `last_hidden` (B, T, H). In transformers
+        # 5.x that entry is the output of the final norm (lm_head(last_hidden) == logits; tested in
+        # tests/test_trained_drafters.py), i.e. the features Medusa's heads read.
+        self.keep_hidden = False
+        self.last_hidden: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.cache = kv_cache.new_cache()
@@ -35,13 +41,22 @@ class CausalLM:
     def forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """Append `ids` (B, T) after the cache, causally; return logits (B, T or logits_to_keep, V)."""
         out = self.model(
-            input_ids=ids.to(self.device), cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep
+            input_ids=ids.to(self.device), cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep,
+            **self._hidden_kwargs(),
         )
+        self._keep(out)
         self.forward_passes += 1
         return out.logits
 
+    def _hidden_kwargs(self) -> dict:
+        return {"output_hidden_states": True} if self.keep_hidden else {}
+
+    def _keep(self, out) -> None:
+        self.last_hidden = out.hidden_states[-1] if self.keep_hidden else None
+
     def score_tree(self, root: torch.Tensor, tree: DraftTree) -> torch.Tensor:
         """Feed the root token (B, 1) plus every tree node in one pass; return logits (B, N+1, V).
+        With `keep_hidden`, `last_hidden` holds the matching final hidden states (B, N+1, H).
 
         Row 0 is the distribution after the root, row i+1 the distribution after node i's path.
         A chain takes the plain causal path (no mask needed); other trees use the ancestor mask.
@@ -59,7 +74,9 @@ class CausalLM:
             attention_mask=mask,
             cache=self.cache,
             use_cache=True,
+            **self._hidden_kwargs(),
         )
+        self._keep(out)
         self.forward_passes += 1
         return out.logits
 

@@ -1,0 +1,50 @@
+"""Trained drafters on the target's features (medusa, hydra, falcon); all lossless through tree verification.
+Each loads a drafter trained by `leapdecode train-drafter` (option `drafter=DIR`, default: the last one trained
+for this target and kind) and refuses one trained for another model."""
+from __future__ import annotations
+
+from ..errors import InvalidSettingError
+from ..methods import LOSSLESS, MethodBuild, MethodSpec, _take, register
+
+VERIFICATION = ("greedy: longest path of target argmaxes + target token; sampling: recursive rejection sampling "
+                "over each node's children (children drawn without replacement from the drafter)")
+
+
+def _make(kind: str, defaults: dict):
+    def make(build: MethodBuild):
+        from ..training.checkpoint import default_drafter, load_drafter
+
+        opts = _take(build.options, {"drafter": None, **defaults}, kind)
+        folder = opts.pop("drafter") or default_drafter(build.target.model, kind)
+        _, net = load_drafter(folder, build.target.model, kind=kind)
+        if kind == "medusa":
+            from ..drafters.medusa import MedusaDrafter as cls
+        elif kind == "hydra":
+            from ..drafters.hydra import HydraDrafter as cls
+        else:
+            from ..drafters.falcon import FalconDrafter as cls
+        try:
+            return cls(build.target, net, **opts)
+        except ValueError as err:
+            raise InvalidSettingError(str(err)) from None
+
+    return make
+
+
+_TREE = {"paths": "0;1;2;3;0,0;0,1;0,2;1,0;1,1;2,0;0,0,0;0,0,1;0,1,0;1,0,0;0,0,0,0;0,0,0,1", "max_nodes": 64}
+
+register(MethodSpec(
+    "medusa", LOSSLESS, "trained heads on the target's last hidden state predict the next tokens independently; "
+    "their top candidates form a tree (Medusa path list)",
+    "Cai et al. 2024 (Medusa); the baseline of Hydra (Ankner et al. 2024)", _make("medusa", dict(_TREE)),
+    verification=VERIFICATION))
+register(MethodSpec(
+    "hydra", LOSSLESS, "sequentially dependent trained heads: each also reads the embeddings of the draft tokens "
+    "before it; a tree grown depth by depth",
+    "Hydra: Sequentially-Dependent Draft Heads for Medusa Decoding (Ankner et al. 2024)",
+    _make("hydra", dict(_TREE)), verification=VERIFICATION))
+register(MethodSpec(
+    "falcon", LOSSLESS, "a small semi-autoregressive drafter (a transformer layer over the target's features and "
+    "token embeddings) that emits several tokens per step, grown into a tree by confidence",
+    "Falcon (Gao et al. 2024, coupled sequential glancing distillation); EAGLE-style feature drafting",
+    _make("falcon", {"max_nodes": 16, "max_depth": 6, "top_k": 3}), verification=VERIFICATION))

@@ -1,0 +1,122 @@
+"""`leapdecode train-drafter` and `leapdecode distill-draft`.
+
+    leapdecode train-drafter --model smollm2-135m --kind hydra --self-distill 400 --out runs/hydra --max-minutes 25
+    leapdecode generate --method hydra --option drafter=runs/hydra "..."
+
+Self-distillation data (the target's own greedy answers and hidden states) is cached under --out and reused;
+training checkpoints every --checkpoint-every steps and resumes after an interruption; the result is
+`drafter.safetensors` + `drafter.json`, and becomes the default drafter of that model and kind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+KINDS = ("medusa", "hydra", "falcon")
+
+
+def add_parser(subparsers) -> None:
+    from ..cli import add_model_arguments
+
+    p = subparsers.add_parser("train-drafter", help="train medusa/hydra/falcon drafter heads on a target model",
+                              description="Self-distillation: the target answers prompts, its hidden states and "
+                              "tokens train a small drafter; saves safetensors + JSON config to --out.")
+    add_model_arguments(p)
+    p.add_argument("--kind", choices=KINDS, default="hydra")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", default=None, metavar="FILE.jsonl",
+                     help="prompts (\"prompt\"/\"turns\"/\"messages\"; optional \"response\"); 'suite' = the "
+                     "benchmark suite (not disjoint from the benchmark!)")
+    p.add_argument("--self-distill", type=int, default=None, metavar="N",
+                   help="answer N prompts with the target (built-in prompts, disjoint from the benchmark suite, "
+                   "unless --data is given); default 400")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (heads), 5e-4 (falcon)")
+    p.add_argument("--batch-size", type=int, default=64, help="positions per step")
+    p.add_argument("--max-minutes", type=float, default=25.0, help="whole run, data generation included")
+    p.add_argument("--data-share", type=float, default=0.45, help="share of --max-minutes for data generation")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="length of each generated answer")
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--layers", type=int, default=1, help="residual blocks per head / decoder layers (falcon)")
+    p.add_argument("--objective", choices=("ce", "distill"), default="distill",
+                   help="distill = Hydra++ teacher distillation on the target's distribution (default)")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--gen-batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_drafter)
+
+    from .distill import add_distill_parser
+
+    add_distill_parser(subparsers)
+
+
+def _rows(args) -> list[dict]:
+    from .data import builtin_prompts, read_prompts
+
+    if args.data:
+        path = Path(__file__).resolve().parents[3] / "benchmarks" / "suite.jsonl" if args.data == "suite" else args.data
+        rows = read_prompts(path)
+        return rows[: args.self_distill] if args.self_distill else rows
+    n = args.self_distill or 400
+    return [{"messages": [{"role": "user", "content": text}], "response": None}
+            for text in builtin_prompts(n, seed=args.seed)]
+
+
+def cmd_train_drafter(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import load
+    from ..errors import InvalidSettingError
+    from .checkpoint import DrafterConfig, make_module, remember_default, save_drafter, target_fingerprint, target_facts
+    from .data import build_data
+    from .trainer import TrainSettings, train
+
+    if args.max_minutes <= 0 or not 0 < args.data_share < 1:
+        raise InvalidSettingError("--max-minutes must be > 0 and --data-share in (0, 1)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    deadline = started + args.max_minutes * 60
+    target = load(args.model)
+    if torch.cuda.is_available():
+        target.model.to("cuda")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = target_fingerprint(target.model)
+    hidden, vocab = target_facts(target.model)
+    rows = _rows(args)
+    data = build_data(target, rows, out, fingerprint, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.gen_batch_size, deadline=started + args.max_minutes * 60 * args.data_share,
+                      progress=not args.no_progress)
+    print(f"data: {data.samples} answers, {len(data.tokens)} tokens")
+    settings = {"num_heads": args.num_heads, "layers": args.layers}
+    config = DrafterConfig(kind=args.kind, hidden_size=hidden, vocab_size=vocab, target_fingerprint=fingerprint,
+                           target_name=target.name, settings=settings)
+    torch.manual_seed(args.seed)
+    net = make_module(config)
+    lr = args.lr or (5e-4 if args.kind == "falcon" else 1e-3)
+    train_settings = TrainSettings(epochs=args.epochs, lr=lr, batch_size=args.batch_size, objective=args.objective,
+                                   max_minutes=max(0.1, (deadline - time.time()) / 60),
+                                   checkpoint_every=args.checkpoint_every, seed=args.seed,
+                                   progress=not args.no_progress)
+    loss_fn = None
+    if args.kind == "falcon":
+        from ..drafters.falcon import falcon_loss_fn
+
+        loss_fn = falcon_loss_fn(net, target, data, args.objective)
+    report = train(net, target, data, train_settings, out, loss_fn=loss_fn)
+    config.training = {"steps": report.steps, "first_loss": report.first_loss, "last_loss": report.last_loss,
+                       "head_accuracy": report.head_accuracy, "answers": data.samples,
+                       "tokens": int(len(data.tokens)), "objective": args.objective, "lr": lr,
+                       "minutes": round((time.time() - started) / 60, 2), "stopped": report.stopped}
+    save_drafter(out, net.cpu(), config)
+    pointer = remember_default(target.model, args.kind, out)
+    print(json.dumps(config.training))
+    print(f"saved {out}/drafter.safetensors; default {args.kind} drafter for {target.name} ({pointer})")
+    print(f"use: leapdecode generate --model {args.model} --method {args.kind} --option drafter={out} ...")
+    return 0

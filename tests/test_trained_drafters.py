@@ -1,0 +1,175 @@
+"""Trained drafters (medusa, hydra, falcon): training lowers the loss and round-trips through save/load; greedy
+and sampled output stay exactly the target's through tree verification; a drafter for another model is
+refused; the engine seam hands the target's final hidden states to the drafter."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from leapdecode import Decoder, SamplingParams
+from leapdecode.errors import InvalidSettingError
+from leapdecode.lm import CausalLM
+from leapdecode.training.checkpoint import (DrafterConfig, load_drafter, make_module, read_config, save_drafter,
+                                            target_facts, target_fingerprint)
+from leapdecode.training.data import build_data, builtin_prompts
+from leapdecode.training.trainer import TrainSettings, train
+from leapdecode.tree import DraftTree
+from conftest import tiny_loaded
+from test_sampling import chi_square_pvalue, exact_distribution
+
+KINDS = ("medusa", "hydra", "falcon")
+SETTINGS = {"medusa": {"num_heads": 3}, "hydra": {"num_heads": 3}, "falcon": {"window": 8}}
+OPTIONS = {"medusa": {"paths": "0;1;2;0,0;0,1;1,0;0,0,0"}, "hydra": {"paths": "0;1;2;0,0;0,1;1,0;0,0,0"},
+           "falcon": {"max_nodes": 8, "top_k": 3}}
+
+
+def fresh_drafter(kind: str, target, folder: Path, seed: int = 0) -> Path:
+    hidden, vocab = target_facts(target.model)
+    config = DrafterConfig(kind=kind, hidden_size=hidden, vocab_size=vocab,
+                           target_fingerprint=target_fingerprint(target.model), target_name=target.name,
+                           settings=SETTINGS[kind])
+    torch.manual_seed(seed)
+    net = make_module(config)
+    with torch.no_grad():  # random, not identity, so drafts differ from the target's own choice
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    return save_drafter(folder, net, config)
+
+
+def tiny_data(target, folder: Path, n: int = 8, new: int = 24):
+    rows = [{"messages": [{"role": "user", "content": " ".join(f"w{(i * 7 + j) % 64}" for j in range(5))}],
+             "response": None} for i in range(n)]
+    return build_data(target, rows, folder, target_fingerprint(target.model), max_new_tokens=new, batch_size=4,
+                      progress=False)
+
+
+def test_hidden_states_are_final_norm_outputs(arch):
+    """`keep_hidden` gives the hidden states the LM head reads: lm_head(last_hidden) == logits."""
+    target = tiny_loaded(arch)
+    lm = CausalLM(target.model)
+    lm.keep_hidden = True
+    with torch.inference_mode():
+        logits = lm.forward(torch.tensor([[1, 2, 3, 4]]))
+        assert lm.last_hidden.shape == (1, 4, 64)
+        head = target.model.get_output_embeddings()
+        torch.testing.assert_close(head(lm.last_hidden), logits, rtol=1e-4, atol=1e-4)
+        tree = DraftTree(tokens=torch.tensor([[5, 6, 7]]), parents=(-1, -1, 0))
+        logits = lm.score_tree(torch.tensor([[4]]), tree)
+        assert lm.last_hidden.shape == (1, 4, 64)
+        torch.testing.assert_close(head(lm.last_hidden), logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_lowers_loss_and_round_trips(kind, tmp_path):
+    target = tiny_loaded("llama", scale=3.0)
+    data = tiny_data(target, tmp_path)
+    hidden, vocab = target_facts(target.model)
+    config = DrafterConfig(kind=kind, hidden_size=hidden, vocab_size=vocab,
+                           target_fingerprint=target_fingerprint(target.model), settings=SETTINGS[kind])
+    torch.manual_seed(0)
+    net = make_module(config)
+    loss_fn = None
+    if kind == "falcon":
+        from leapdecode.drafters.falcon import falcon_loss_fn
+
+        loss_fn = falcon_loss_fn(net, target, data, "ce")
+    report = train(net, target, data, TrainSettings(epochs=25, lr=3e-3, batch_size=32, progress=False,
+                                                   objective="distill" if kind == "hydra" else "ce"),
+                   tmp_path / "run", loss_fn=loss_fn)
+    assert report.last_loss < 0.7 * report.first_loss, report
+    save_drafter(tmp_path / "d", net, config)
+    assert read_config(tmp_path / "d").kind == kind
+    _, loaded = load_drafter(tmp_path / "d", target.model, kind=kind)
+    for (name, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    # the trained drafter drafts tokens the target accepts, on a training prompt
+    dec = Decoder(target, kind, drafter=str(tmp_path / "d"), **OPTIONS[kind])
+    prompt = [int(i) for i in target.tokenizer("w0 w7 w14 w21 w28")["input_ids"]]
+    out = dec.generate(prompt, max_new_tokens=24)
+    assert out.token_ids == Decoder(target, "ar").generate(prompt, max_new_tokens=24).token_ids
+    assert sum(out.stats.accept_lengths) / len(out.stats.accept_lengths) > 1.5
+
+
+def test_resume_from_checkpoint(tmp_path):
+    target = tiny_loaded("llama", scale=3.0)
+    data = tiny_data(target, tmp_path, n=4)
+    config = DrafterConfig(kind="medusa", hidden_size=64, vocab_size=64,
+                           target_fingerprint=target_fingerprint(target.model), settings={"num_heads": 2})
+    settings = TrainSettings(epochs=4, batch_size=16, checkpoint_every=2, progress=False)
+    first = train(make_module(config), target, data, settings, tmp_path / "run")
+    again = train(make_module(config), target, data, settings, tmp_path / "run")
+    assert again.resumed_from == first.steps and again.steps == first.steps
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_output_equals_ar(kind, arch, tmp_path):
+    target = tiny_loaded(arch, scale=3.0)
+    folder = fresh_drafter(kind, target, tmp_path / kind)
+    ar = Decoder(target, "ar")
+    dec = Decoder(target, kind, drafter=str(folder), **OPTIONS[kind])
+    for prompt in ([1, 2, 3], [5, 9, 5, 9, 5, 9, 2], [7] * 11):
+        want = ar.generate(prompt, max_new_tokens=30).token_ids
+        got = dec.generate(prompt, max_new_tokens=30)
+        assert got.token_ids == want
+        assert got.stats.drafted_tokens > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampling_follows_target_distribution(kind, tmp_path):
+    """First three tokens of seeded generations vs the exact distribution (a branching tree at step 2)."""
+    target = tiny_loaded("llama", vocab_size=8, seed=3)
+    folder = fresh_drafter(kind, target, tmp_path / kind)
+    params = SamplingParams(temperature=1.0)
+    dec = Decoder(target, kind, drafter=str(folder), **OPTIONS[kind])
+    prompt, runs = [1, 2, 3, 1, 2], 1500
+    counts: Counter = Counter()
+    branched = 0
+    for seed in range(runs):
+        out = dec.generate(prompt, max_new_tokens=4, temperature=1.0, seed=seed)
+        counts[tuple(out.token_ids[:3])] += 1
+        branched += out.stats.drafted_tokens >= 2
+    assert branched == runs
+    dist = {}
+    for seq, p in exact_distribution(target, prompt, params).items():
+        dist[seq] = p
+    assert chi_square_pvalue(counts, dist, runs) > 1e-3
+
+
+def test_drafter_for_another_model_is_refused(tmp_path):
+    target = tiny_loaded("llama", seed=0)
+    folder = fresh_drafter("hydra", target, tmp_path / "h")
+    with pytest.raises(InvalidSettingError, match="not for this target's weights"):
+        Decoder(tiny_loaded("llama", seed=1), "hydra", drafter=str(folder))
+    with pytest.raises(InvalidSettingError, match="vocabulary of 64 tokens"):
+        Decoder(tiny_loaded("llama", vocab_size=32), "hydra", drafter=str(folder))
+    with pytest.raises(InvalidSettingError, match="not a medusa drafter"):
+        Decoder(target, "medusa", drafter=str(folder))
+    with pytest.raises(InvalidSettingError, match="not a trained drafter"):
+        Decoder(target, "hydra", drafter=str(tmp_path))
+    config = json.loads((folder / "drafter.json").read_text())
+    config["hidden_size"] = 128
+    (folder / "drafter.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidSettingError, match="hidden size 128"):
+        Decoder(target, "hydra", drafter=str(folder))
+
+
+def test_builtin_prompts_are_disjoint_from_the_suite():
+    suite = Path(__file__).resolve().parents[1] / "benchmarks" / "suite.jsonl"
+    questions = {json.loads(line)["turns"][0].strip() for line in suite.read_text().splitlines() if line.strip()}
+    prompts = builtin_prompts(500)
+    assert len(prompts) == 500 and len(set(prompts)) > 300
+    assert not questions & {p.strip() for p in prompts}
+
+
+def test_cli_registers_training_commands():
+    from leapdecode.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train-drafter", "--kind", "medusa", "--self-distill", "10", "--out", "x"])
+    assert args.kind == "medusa" and args.self_distill == 10
+    args = parser.parse_args(["distill-draft", "--model", "a", "--draft-model", "b", "--out", "x"])
+    assert args.func.__name__ == "cmd_distill_draft"
