@@ -3,14 +3,16 @@
 Direct Alignment of Draft Model (Goel et al. 2024, "Direct Alignment of Draft Model for Speculative Decoding
 with Chat-Fine-Tuned LLMs"). The acceptance rate of speculative sampling is 1 - TVD(p, q), so the draft q is
 trained to lower the total variation distance to the target p on responses the target generated itself.
-The TVD gradient has a policy-gradient form, -E[1{p(x) > q(x)} grad log q(x)]; TVD++ reduces its variance
-as policy-gradient methods do, with a baseline and normalization of the reward r = 1{p(x) > q(x)} over the
-batch:
+The TVD gradient has a policy-gradient form, grad TVD = -E_{x~q}[r(x) grad log q(x)] with the reward
+r(x) = 1{p(x) > q(x)}; TVD++ reduces its variance as policy-gradient methods do, with a baseline and a
+normalization of the advantage over the batch:
 
-    A(x_t) = (r(x_t) - mean_batch r) / (std_batch r + eps)        loss = -mean_t  A(x_t) * log q(x_t)
+    A_t(x) = (r_t(x) - E_q[r_t]) / std_batch(A)          loss = -mean_t  sum_x sg(q_t(x) A_t(x)) log q_t(x)
 
-where x_t are the target's response tokens (teacher forcing; p and q are both computed at every response
-position). The draft stays a separate model verified by exact speculative sampling: the `draft` method is
+at every position t of the target's own responses (teacher forcing). Here the expectation over x ~ q is
+taken exactly over the vocabulary (both distributions are at hand), which removes the sampling noise; a
+reward averaged over the target's tokens alone carries no signal once the target beats the draft on all of
+them (every r = 1). The draft stays a separate model verified by exact speculative sampling: the `draft` method is
 lossless with any draft model, a better aligned one only accepts more.
 """
 from __future__ import annotations
@@ -25,18 +27,19 @@ import torch
 import torch.nn.functional as F
 
 
-def tvdpp_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, tokens: torch.Tensor,
+def tvdpp_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, tokens: torch.Tensor | None,
                mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """draft/target logits (B, T, V) predicting `tokens` (B, T); `mask` (B, T) bool marks response positions."""
-    logq = draft_logits.float().log_softmax(-1)
+    """draft/target logits (B, T, V) at the response positions marked by `mask` (B, T) bool. `tokens` (the
+    target's own tokens) only define the contexts; the expectation over x ~ q is exact over the vocabulary."""
+    logq = draft_logits.float().log_softmax(-1)[mask]  # (M, V)
     with torch.no_grad():
-        logp = target_logits.float().log_softmax(-1)
-        lp = logp.gather(-1, tokens[..., None]).squeeze(-1)
-        lq = logq.detach().gather(-1, tokens[..., None]).squeeze(-1)
-        reward = (lp > lq).float()[mask]
-        advantage = (reward - reward.mean()) / (reward.std(unbiased=False) + eps)
-    chosen = logq.gather(-1, tokens[..., None]).squeeze(-1)[mask]
-    return -(advantage * chosen).mean()
+        q = logq.exp()
+        p = target_logits.float().softmax(-1)[mask]
+        reward = (p > q).float()
+        advantage = reward - (q * reward).sum(-1, keepdim=True)  # baseline: E_q[r] at each position
+        scale = (q * advantage.pow(2)).sum(-1).mean().sqrt() + eps  # normalization over the batch
+        weight = q * advantage / scale
+    return -(weight * logq).sum(-1).mean()
 
 
 def total_variation(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor) -> float:
