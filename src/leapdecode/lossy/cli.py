@@ -82,14 +82,16 @@ class Candidate:
                 "speedup": speed, "acceptance_rate": self.acceptance, "identical_to_ar": self.identical}
 
 
-def candidates(model, ranking, fractions=(0.3, 0.4, 0.5, 0.6)) -> list[Candidate]:
+def candidates(model, ranking, fractions=(0.1, 0.2, 0.3, 0.4)) -> list[Candidate]:
     total = num_layers(model)
     out = []
     for f in fractions:
         top = ranking[: round(f * 2 * total)]
         skip = SkipSet.of(attention=[i for k, i, _ in top if k == "attn"], ffn=[i for k, i, _ in top if k == "ffn"])
         out.append(Candidate(f"similarity-top-{int(f * 100)}%", skip))
-    for keep in sorted({total // 2, (2 * total) // 3}):
+        attn = SkipSet.of(attention=[i for k, i, _ in ranking if k == "attn"][: round(f * 2 * total)])
+        out.append(Candidate(f"attention-top-{int(f * 100)}%", attn))
+    for keep in sorted({(2 * total) // 3, (5 * total) // 6}):
         if 1 <= keep < total:
             out.append(Candidate(f"s2d-first-{keep}-layers", SkipSet.first_layers(keep, total)))
     return out
@@ -113,7 +115,8 @@ def calibrate(target, prompts: list[list[int]], max_new_tokens: int = 48, num_dr
     ar_seconds, ar_tokens = 0.0, 0
     for dec in [ar, *decoders.values()]:  # warm-up, untimed
         dec.generate(prompts[0], max_new_tokens=8)
-    for p, r in zip(prompts, refs):  # interleaved per prompt: ar, then every candidate
+    for n, (p, r) in enumerate(zip(prompts, refs)):  # interleaved per prompt: ar, then every candidate
+        print(f"calibration prompt {n + 1}/{len(prompts)}: ar and {len(cands)} skip sets", file=log, flush=True)
         res = ar.generate(p, max_new_tokens=max_new_tokens)
         ar_seconds += res.stats.wall_time
         ar_tokens += res.stats.new_tokens

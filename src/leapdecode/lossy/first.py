@@ -193,7 +193,7 @@ def train_routers(model, texts: list[list[int]], *, steps: int = 40, lr: float =
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-            keep_mean = float(g.mean())
+            keep_mean = float(g.detach().mean())
             if log is not None and (step % 10 == 0 or step == steps - 1):
                 print(f"step {step + 1}/{steps}: loss {losses[-1]:.4f} (kl {float(kl.detach()):.4f}), mean keep {keep_mean:.3f}", file=log)
     finally:
