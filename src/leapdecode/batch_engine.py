@@ -326,10 +326,14 @@ class BatchEngine:
     """
 
     def __init__(self, target, methods: Mapping[str, dict] | None = None, draft=None, max_batch_size: int = 8,
-                 compact_slack: int = 16):
+                 compact_slack: int = 16, step_draft_budget: int = 16):
         if max_batch_size < 1:
             raise InvalidSettingError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.target, self.draft, self.max_batch_size = target, draft, max_batch_size
+        # Draft tokens per step shared by the greedy rows of a batch: every row is padded to the longest
+        # draft, so long drafts in a full batch cost more than they save. Greedy output does not depend
+        # on draft length; sampled rows keep their own budget so seeded output equals a lone run.
+        self.step_draft_budget = step_draft_budget
         self.specs: dict[str, tuple[MethodSpec, MethodBuild]] = {}
         for name, options in (methods or {"ar": {}}).items():
             spec = get_method(name)
@@ -450,8 +454,11 @@ class BatchEngine:
 
     def _decode_step(self) -> None:
         trees: list[DraftTree] = []
+        greedy_share = max(1, self.step_draft_budget // max(1, len(self.rows)))
         for row in self.rows:
             budget = row.limit - row.produced - 1
+            if row.settings.params.greedy:
+                budget = min(budget, greedy_share)
             tree = None
             if budget > 0:
                 ctx = DraftContext(row.tokens, len(row.prompt_ids), budget, row.settings.params, row.generator)

@@ -1,17 +1,12 @@
 """The built-in demo prompt: an editing task, where the answer copies most of the input."""
 
-DEMO_PROMPT = """Add type hints to this Python function. Keep the code otherwise unchanged and reply with the code only.
+DEMO_PROMPT = """Correct the spelling mistakes in the following text and write out the whole corrected text.
 
-def moving_average(values, window):
-    if window <= 0:
-        raise ValueError("window must be positive")
-    averages = []
-    total = 0.0
-    for index, value in enumerate(values):
-        total += value
-        if index >= window:
-            total -= values[index - window]
-        if index >= window - 1:
-            averages.append(total / window)
-    return averages
+The comittee met on tuesday to discus the new libary budget. After a long debate, the members agreed to
+recieve more funding for childrens books and to extend the opening hours on weekends. The chairman thanked
+everyone for there patience and said the changes would begin next month. Several parents had writen
+letters asking for a quiet reading room, and the comittee promised to look at the old storage area on
+the second floor. The treasurer warned that the heating sytem is old and may need to be replaced before
+winter, wich could take a large part of the budget. A final vote on the plan will be held at the next
+meeting.
 """

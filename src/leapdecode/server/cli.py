@@ -34,12 +34,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = parse_options(args.option)
     if args.max_batch_size < 1:
         raise LeapdecodeError("--max-batch-size must be >= 1")
+    if args.step_draft_budget < 1:
+        raise LeapdecodeError("--step-draft-budget must be >= 1")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise LeapdecodeError("--max-tokens-limit must be >= 1")
     target = load(args.model)
     draft = load(args.draft_model) if args.draft_model else None
     engine = BatchEngine(target, {m: (options if m == methods[0] else {}) for m in methods}, draft=draft,
-                         max_batch_size=args.max_batch_size)
+                         max_batch_size=args.max_batch_size, step_draft_budget=args.step_draft_budget)
     config = ServerConfig(model_name=args.served_model_name or args.model, default_method=methods[0],
                           max_tokens_limit=args.max_tokens_limit, api_key=args.api_key or None)
     app = create_app(engine, config)
@@ -67,6 +69,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (default 8)")
+    s.add_argument("--step-draft-budget", type=int, default=16,
+                   help="draft tokens per step shared by the greedy requests of a batch (default 16)")
     s.add_argument("--max-tokens-limit", type=int, default=None,
                    help="largest max_tokens a request may ask for (default: the model's context length)")
     s.add_argument("--api-key", default=os.environ.get("LEAPDECODE_API_KEY"),
