@@ -174,6 +174,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+SUBCOMMAND_MODULES = (".bench.cli", ".training.cli", ".server.cli", ".lossy.cli")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leapdecode", description="Faster decoding for Hugging Face causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,30 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     ms = sub.add_parser("models", help="list model presets and whether they are installed")
     ms.set_defaults(func=cmd_models)
 
-    try:
-        from .bench.cli import add_parser as add_bench_parser
-    except ImportError:
-        add_bench_parser = None
-    if add_bench_parser is not None:
-        add_bench_parser(sub)
-    try:
-        from .training.cli import add_parser as add_training_parser
-    except ImportError:
-        add_training_parser = None
-    if add_training_parser is not None:
-        add_training_parser(sub)
-    try:
-        from .server.cli import add_parser as add_server_parser
-    except ImportError:
-        add_server_parser = None
-    if add_server_parser is not None:
-        add_server_parser(sub)
-    try:
-        from .lossy.cli import add_parser as add_layer_skip_parser
-    except ImportError:
-        add_layer_skip_parser = None
-    if add_layer_skip_parser is not None:
-        add_layer_skip_parser(sub)
+    import importlib
+
+    for module in SUBCOMMAND_MODULES:  # each adds its own subcommands
+        importlib.import_module(module, __package__).add_parser(sub)
     return parser
 
 
