@@ -19,10 +19,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/leapdecode generate --compare --method pld --demo-prompt
 
-# Quick benchmark (about 5-8 min on a 2-core CPU): 2 questions per suite category, 128 new tokens, 1 repeat.
+# Quick benchmark on a 2-core CPU: 2 questions per suite category, 128 new tokens, 1 repeat.
+# One torch thread: on a CPU shared with other processes two OpenMP threads thrash (measured 10x slower);
+# on a quiet machine try BENCH_ARGS="... --threads 2".
 BENCH_OUT ?= runs/bench-default
 BENCH_ARGS ?= --model smollm2-135m --methods ar,pld,hf-ar,hf-pld --questions benchmarks/suite.jsonl \
-	--per-category 2 --max-new-tokens 128 --repeats 1
+	--per-category 2 --max-new-tokens 128 --repeats 1 --threads 1
 
 bench: $(STAMP)
 	$(BIN)/leapdecode bench $(BENCH_ARGS) --out $(BENCH_OUT)

@@ -36,7 +36,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     (["generate", "w1 w2", "--top-p", "0"], "top_p"),
     (["generate", "w1 w2", "--top-p", "1.5"], "top_p"),
     (["generate", "w1 w2", "--top-k", "-3"], "top_k"),
-    (["generate", "w1 w2", "--method", "nope"], "valid methods: ar"),
+    (["generate", "w1 w2", "--method", "nope"], "valid methods: "),
     (["generate", "w1 w2", "--method", "draft"], "needs --draft-model"),
     (["generate", "w1 w2", "--model", "/no/such/folder"], "no such file or folder"),
 ])

@@ -17,5 +17,5 @@ def test_pld_greedy_equals_ar_on_the_default_model():
     ar = Decoder(target, "ar").generate(DEMO_PROMPT, chat=True, max_new_tokens=96)
     pld = Decoder(target, "pld").generate(DEMO_PROMPT, chat=True, max_new_tokens=96)
     assert pld.token_ids == ar.token_ids
-    assert pld.stats.mean_accepted > 1.5  # the answer copies the prompt's code
-    assert "def moving_average" in ar.text
+    assert pld.stats.mean_accepted > 1.5  # the answer copies most of the prompt's text
+    assert "committee" in ar.text

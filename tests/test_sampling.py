@@ -49,6 +49,7 @@ def chi_square_pvalue(counts: Counter, dist: dict, runs: int) -> float:
     if pooled_exp > 0:
         stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
         df += 1
+    assert df >= 3, "too few well-filled cells for a chi-square test: use more runs or a peaked distribution"
     return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64),
                                          torch.tensor(stat / 2.0, dtype=torch.float64)))
 

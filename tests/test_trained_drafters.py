@@ -121,7 +121,7 @@ def test_greedy_output_equals_ar(kind, arch, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_sampling_follows_target_distribution(kind, tmp_path):
     """First three tokens of seeded generations vs the exact distribution (a branching tree at step 2)."""
-    target = tiny_loaded("llama", vocab_size=8, seed=3)
+    target = tiny_loaded("llama", vocab_size=8, seed=0, scale=3.0)  # peaked enough for a chi-square test
     folder = fresh_drafter(kind, target, tmp_path / kind)
     params = SamplingParams(temperature=1.0)
     dec = Decoder(target, kind, drafter=str(folder), **OPTIONS[kind])
