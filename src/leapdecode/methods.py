@@ -85,7 +85,7 @@ def _ar(build: MethodBuild) -> Drafter:
 def _pld(build: MethodBuild) -> Drafter:
     from .drafters.prompt_lookup import PromptLookupDrafter
 
-    opts = _take(build.options, {"max_ngram": 3, "min_ngram": 1, "num_draft_tokens": 10, "adaptive": False}, "pld")
+    opts = _take(build.options, {"max_ngram": 3, "min_ngram": 1, "num_draft_tokens": 4, "adaptive": True}, "pld")
     try:
         return PromptLookupDrafter(**opts)
     except ValueError as err:
