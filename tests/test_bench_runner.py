@@ -287,6 +287,7 @@ def _no_loading(spec):
         (["--methods", "ar,hf-ar", "--temperature", "0.7"], "hf-ar run transformers' generate() greedy only"),
         (["--per-category", "0"], "per_category must be a positive integer"),
         (["--threads", "0"], "threads must be a positive integer"),
+        (["--methods", "ar,hf-pld@num=3"], "the transformers peers take no @options: hf-pld@num=3"),
     ],
 )
 def test_bad_input_is_reported_before_loading(tmp_path, monkeypatch, capsys, extra, message):

@@ -127,6 +127,9 @@ def check_methods(
             f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
             f"valid methods: {', '.join(valid)}"
         )
+    with_options = [n for n in names if "@" in n and split_variant(n)[0] in PEER_METHODS]
+    if with_options:
+        raise InvalidSettingError(f"the transformers peers take no @options: {', '.join(with_options)}")
     if not has_draft:
         wanting = [n for n in names if needs_draft(n)]
         if wanting:
