@@ -110,7 +110,9 @@ def test_wrong_sampler_is_caught(models, method, monkeypatch):
     target, draft = models
     params = SETTINGS[0]
     monkeypatch.setattr(engine, "verify", wrong_verify)
-    decoder = Decoder(target, method, draft=draft if method == "draft" else None, num_draft_tokens=2, adaptive=False)
+    extra = {"confidence_threshold": 0.0} if method == "draft" else {}  # always draft 2 tokens: more to catch
+    decoder = Decoder(target, method, draft=draft if method == "draft" else None, num_draft_tokens=2, adaptive=False,
+                      **extra)
     counts = sampled_counts(decoder, params)
     assert chi_square_pvalue(counts, exact_distribution(target, PROMPT, params), RUNS) < 1e-6
 

@@ -20,16 +20,16 @@ class DraftModelDrafter:
     def __init__(
         self,
         model: torch.nn.Module,
-        num_draft_tokens: int = 5,
+        num_draft_tokens: int = 8,
         adaptive: bool = True,
-        confidence_threshold: float = 0.0,
+        confidence_threshold: float = 0.4,
     ):
         if num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
         if not 0.0 <= confidence_threshold < 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1), got {confidence_threshold}")
         self.lm = CausalLM(model)
-        self.length = AdaptiveLength(num_draft_tokens, high=max(16, num_draft_tokens), enabled=adaptive)
+        self.length = AdaptiveLength(num_draft_tokens, high=max(32, num_draft_tokens), enabled=adaptive)
         self.confidence_threshold = confidence_threshold
         self.fed: list[int] = []  # tokens whose KV entries are in the draft cache, in order
 
