@@ -95,7 +95,7 @@ def _pld(build: MethodBuild) -> Drafter:
 def _draft(build: MethodBuild) -> Drafter:
     from .drafters.draft_model import DraftModelDrafter
 
-    opts = _take(build.options, {"num_draft_tokens": 8, "adaptive": True, "confidence_threshold": 0.4}, "draft")
+    opts = _take(build.options, {"num_draft_tokens": 20, "adaptive": False, "confidence_threshold": 0.4}, "draft")
     try:
         return DraftModelDrafter(build.draft.model, **opts)
     except ValueError as err:
