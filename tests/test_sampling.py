@@ -54,10 +54,11 @@ def chi_square_pvalue(counts: Counter, dist: dict, runs: int) -> float:
                                          torch.tensor(stat / 2.0, dtype=torch.float64)))
 
 
-def sampled_counts(decoder: Decoder, params: SamplingParams) -> Counter:
+def sampled_counts(decoder: Decoder, params: SamplingParams, prompt: list[int] = PROMPT, runs: int = RUNS) -> Counter:
+    """First STEPS generated tokens of `runs` seeded generations, counted."""
     counts: Counter = Counter()
-    for seed in range(RUNS):
-        out = decoder.generate(PROMPT, max_new_tokens=STEPS, temperature=params.temperature, top_k=params.top_k,
+    for seed in range(runs):
+        out = decoder.generate(prompt, max_new_tokens=STEPS, temperature=params.temperature, top_k=params.top_k,
                                top_p=params.top_p, seed=seed)
         counts[tuple(out.token_ids)] += 1
     return counts

@@ -14,7 +14,7 @@ from leapdecode import Decoder, SamplingParams, get_method
 from leapdecode.errors import InvalidSettingError
 from conftest import tiny_loaded
 from test_exactness import random_prompts
-from test_sampling import STEPS, chi_square_pvalue, exact_distribution
+from test_sampling import STEPS, chi_square_pvalue, exact_distribution, sampled_counts
 from test_trees import wrong_tree_verify
 
 MODEL_FREE = ["pld-tree", "aded", "stand", "lookahead"]
@@ -103,12 +103,7 @@ def models():
 
 
 def sampled(decoder: Decoder, params: SamplingParams, runs: int = RUNS) -> Counter:
-    counts: Counter = Counter()
-    for seed in range(runs):
-        out = decoder.generate(TREE_PROMPT, max_new_tokens=STEPS, temperature=params.temperature, top_k=params.top_k,
-                               top_p=params.top_p, seed=seed)
-        counts[tuple(out.token_ids)] += 1
-    return counts
+    return sampled_counts(decoder, params, prompt=TREE_PROMPT, runs=runs)
 
 
 def tree_decoder(models, method: str) -> Decoder:

@@ -158,6 +158,7 @@ class Decoder:
                  **settings) -> GenerationResult:
         """Generate to the end; `on_text` (optional) receives each piece of text as it is committed."""
         stream = self.stream(prompt, chat=chat, **settings)
+        stream.emit = on_text is not None  # without a listener, text is decoded once at the end
         for piece in stream:
             if on_text is not None:
                 on_text(piece)
@@ -169,6 +170,7 @@ class GenerationStream:
 
     def __init__(self, decoder: Decoder, prompt_ids: list[int], settings: GenerationSettings):
         self.decoder, self.prompt_ids, self.settings = decoder, prompt_ids, settings
+        self.emit = True  # False: no text pieces until the end (saves decoding on every step)
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -184,7 +186,7 @@ class GenerationStream:
                 stats.new_tokens = len(ids)
                 stats.stop_reason = "stop_string"
                 commits.close()
-            piece = text.delta()
+            piece = text.delta() if self.emit else ""
             if piece:
                 yield piece
         tail = text.delta(final=True)

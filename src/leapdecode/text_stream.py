@@ -12,38 +12,45 @@ class TextAssembler:
         self.stops = tuple(s for s in stop_strings if s)
         self.holdback = max((len(s) for s in self.stops), default=1) - 1
         self.ids: list[int] = []
-        self.text = ""
+        self._text = ""
+        self._decoded = 0  # how many of `ids` `_text` covers; without stop strings decoding waits until read
         self.emitted = 0
         self.stopped = False
 
     def _decode(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
+    @property
+    def text(self) -> str:
+        if not self.stopped and self._decoded != len(self.ids):
+            self._text, self._decoded = self._decode(), len(self.ids)
+        return self._text
+
     def push(self, tokens: list[int]) -> int:
         """Add committed tokens; return how many were taken (fewer when a stop string ended the text)."""
         if not self.stops:
             self.ids.extend(tokens)
-            self.text = self._decode()
             return len(tokens)
         for taken, token in enumerate(tokens, start=1):
             self.ids.append(token)
-            self.text = self._decode()
-            hits = [h for h in (self.text.find(s) for s in self.stops) if h >= 0]
+            text = self.text
+            hits = [h for h in (text.find(s) for s in self.stops) if h >= 0]
             if hits:
-                self.text = self.text[: min(hits)]
+                self._text = text[: min(hits)]
                 self.stopped = True
                 return taken
         return len(tokens)
 
     def delta(self, final: bool = False) -> str:
         """The text not yet emitted that is safe to emit now."""
-        end = len(self.text)
+        text = self.text
+        end = len(text)
         if not final and not self.stopped:
             end -= self.holdback
-            while end > self.emitted and self.text[end - 1] == "\ufffd":
+            while end > self.emitted and text[end - 1] == "\ufffd":
                 end -= 1
         if end <= self.emitted:
             return ""
-        piece = self.text[self.emitted : end]
+        piece = text[self.emitted : end]
         self.emitted = end
         return piece
