@@ -48,6 +48,19 @@ def test_bad_input_is_one_clear_line(capsys, argv, message):
     assert last.startswith("error:") and message in last
 
 
+def test_bad_device_is_one_clear_line(capsys):
+    import torch
+
+    from leapdecode.loading import resolve_device
+
+    code, _, err = run(capsys, "generate", "w1 w2", "--device", "tpu9")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: unknown device 'tpu9'")
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "generate", "w1 w2", "--device", "cuda")
+        assert code == 2 and "no CUDA GPU" in err.strip().splitlines()[-1]
+
+
 def test_mismatched_draft_vocabulary(capsys, model_dirs):
     code, _, err = run(capsys, "generate", "w1 w2", "--model", model_dirs["target"], "--method", "draft",
                        "--draft-model", model_dirs["other"])

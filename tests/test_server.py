@@ -198,8 +198,15 @@ def _wait(predicate, timeout: float = 10.0) -> bool:
     return False
 
 
-def test_client_disconnect_frees_the_slot(served, client):
-    engine = served[1]
+def test_client_disconnect_frees_the_slot(served, client, monkeypatch):
+    engine, model = served[1], served[2].model
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):  # 64 tokens then take >= 1.3 s: the request cannot end on its own first
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
     cancelled = engine.metrics.requests_cancelled
     stream = client.completions.create(model=MODEL, prompt=_prompt(5), max_tokens=LIMIT, temperature=0,
                                        stream=True, extra_body={"method": "ar"})

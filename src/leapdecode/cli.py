@@ -34,6 +34,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset, .gguf file, folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--draft-model", default=None, help="draft model for the `draft` method (same tokenizer)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when present, else cpu), cpu, cuda, cuda:N")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,6 +75,7 @@ def _print_table(rows: list[CompareRow]) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import Decoder, load
+    from .loading import resolve_device
     from .demo import DEMO_PROMPT
     from .methods import get_method
 
@@ -91,8 +93,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _settings(**settings)  # validate before loading anything
     if spec.needs_draft_model and not args.draft_model:
         raise LeapdecodeError(f"method {args.method!r} needs --draft-model")
-    target = load(args.model)
-    draft = load(args.draft_model) if args.draft_model else None
+    device = resolve_device(args.device)
+    target = load(args.model, device=device)
+    draft = load(args.draft_model, device=device) if args.draft_model else None
     decoder = Decoder(target, args.method, draft=draft, **options)
     chat = target.has_chat_template and not args.no_chat
     if not args.compare:

@@ -127,6 +127,8 @@ class Decoder:
                     raise LeapdecodeError(f"drafter proposed {tree.size} tokens, over its budget of {budget}")
                 start = self.lm.length
                 logits = self.lm.score_tree(torch.tensor([[tokens[-1]]], dtype=torch.long), tree)
+                if logits.device.type != "cpu":  # verification and drafters' bookkeeping run on the CPU
+                    logits = logits.float().cpu()
                 verdict = verify(tree, logits, params, generator)
                 nodes, new = verdict.accepted_nodes[0], verdict.tokens[0]
                 self.lm.keep_path(start, nodes)

@@ -31,7 +31,7 @@ from typing import Iterator
 import torch
 
 from leapdecode import presets
-from leapdecode.errors import LeapdecodeError, ModelNotFoundError
+from leapdecode.errors import InvalidSettingError, LeapdecodeError, ModelNotFoundError
 
 
 @dataclass
@@ -409,6 +409,19 @@ def vocab_fingerprint(tokenizer) -> str:
 
 
 # ----- public entry points ------------------------------------------------------------------------------
+
+def resolve_device(name: str | None = "auto") -> str:
+    """'auto' (or None) -> 'cuda' when a GPU is visible, else 'cpu'; any other name is checked by torch."""
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InvalidSettingError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidSettingError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
+    return str(device)
+
 
 def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
          progress: bool = True) -> LoadedModel:

@@ -34,7 +34,7 @@ def hf_generate(method: str, target, prompt_ids: list[int], max_new_tokens: int,
         if draft is None:
             raise InvalidSettingError("hf-assisted needs a draft model (--draft-model)")
         kwargs["assistant_model"] = draft.model
-    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=target.model.device)
     stop = sorted(target.stop_token_ids) or None
     pad = target.tokenizer.pad_token_id
     if pad is None:
@@ -45,8 +45,8 @@ def hf_generate(method: str, target, prompt_ids: list[int], max_new_tokens: int,
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
             temperature=None, top_p=None, top_k=None, eos_token_id=stop, pad_token_id=pad, **kwargs,
         )
+    new = out[0, len(prompt_ids):].tolist()  # inside the timed span: on a GPU this waits for the work
     wall = time.perf_counter() - started
-    new = out[0, len(prompt_ids):].tolist()
     if stop:  # drop padding after an early stop, keep the stop token like our engine does
         for i, t in enumerate(new):
             if t in target.stop_token_ids:

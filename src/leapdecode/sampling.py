@@ -59,10 +59,14 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one token per row of `probs` (..., V) -> (...) int64, using only `generator` for randomness."""
+    """Draw one token per row of `probs` (..., V) -> (...) int64, using only `generator` for randomness.
+
+    Draws happen on the generator's device (the CPU one of `make_generator`), so a seed gives the same
+    tokens whether the model runs on CPU or GPU; the result is on the device of `probs`."""
     flat = probs.reshape(-1, probs.shape[-1])
-    drawn = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
-    return drawn.reshape(probs.shape[:-1])
+    where = generator.device if generator is not None else flat.device
+    drawn = torch.multinomial(flat.to(where, torch.float32), 1, generator=generator).squeeze(-1)
+    return drawn.reshape(probs.shape[:-1]).to(probs.device)
 
 
 def make_generator(seed: int | None) -> torch.Generator:

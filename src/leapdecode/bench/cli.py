@@ -9,6 +9,7 @@ questions are still written).
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import sys
 
@@ -85,11 +86,11 @@ def command_line(args: argparse.Namespace, methods: list[str]) -> str:
     return shlex.join(parts)
 
 
-def _load_model(spec: str):
+def _load_model(spec: str, device: str = "cpu"):
     """Load a model (a seam for tests, which substitute tiny models)."""
     from leapdecode import load
 
-    return load(spec)
+    return load(spec, device=device)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -111,8 +112,12 @@ def run_bench(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    target = _load_model(args.model)
-    draft = _load_model(args.draft_model) if use_draft else None
+    from leapdecode.loading import resolve_device
+
+    device = resolve_device(args.device)
+    loader = _load_model if device == "cpu" else functools.partial(_load_model, device=device)
+    target = loader(args.model)
+    draft = loader(args.draft_model) if use_draft else None
     if draft is not None:
         from leapdecode.loading import check_draft_compatible
 

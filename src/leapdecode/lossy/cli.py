@@ -142,11 +142,11 @@ def calibrate(target, prompts: list[list[int]], max_new_tokens: int = 48, num_dr
 
 
 def cmd_calibrate(args) -> int:
-    from ..loading import load
+    from ..loading import load, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    target = load(args.model)
+    target = load(args.model, device=resolve_device(args.device))
     prompts = calibration_ids(target, args.prompts)
     started = time.perf_counter()
     config = calibrate(target, prompts, args.max_new_tokens, args.num_draft_tokens)
@@ -165,13 +165,13 @@ def continuation_texts(target, prompts: list[list[int]], max_new_tokens: int) ->
 
 
 def cmd_train_router(args) -> int:
-    from ..loading import load
+    from ..loading import load, resolve_device
     from ..sampling import make_generator
     from .first import train_routers
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    target = load(args.model)
+    target = load(args.model, device=resolve_device(args.device))
     texts = continuation_texts(target, calibration_ids(target, args.prompts), args.max_new_tokens)
     routers, report = train_routers(target.model, texts, steps=args.steps, lr=args.lr, sparsity=args.sparsity,
                                     generator=make_generator(args.seed), model_name=target.name, log=sys.stderr)

@@ -100,6 +100,8 @@ def _start_server(args, methods: list[str], max_batch: int) -> tuple[subprocess.
            "--port", str(port), "--max-batch-size", str(max_batch), "--log-level", "warning"]
     if args.draft_model:
         cmd += ["--draft-model", args.draft_model]
+    if getattr(args, "device", None):
+        cmd += ["--device", args.device]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
     if getattr(args, "threads", None):

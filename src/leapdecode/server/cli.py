@@ -22,6 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .. import load
+    from ..loading import resolve_device
     from ..batch_engine import BatchEngine
     from ..cli import parse_options
     from .app import ServerConfig, create_app
@@ -38,8 +39,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LeapdecodeError("--step-draft-budget must be >= 1")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise LeapdecodeError("--max-tokens-limit must be >= 1")
-    target = load(args.model)
-    draft = load(args.draft_model) if args.draft_model else None
+    device = resolve_device(args.device)
+    target = load(args.model, device=device)
+    draft = load(args.draft_model, device=device) if args.draft_model else None
     engine = BatchEngine(target, {m: (options if m == methods[0] else {}) for m in methods}, draft=draft,
                          max_batch_size=args.max_batch_size, step_draft_budget=args.step_draft_budget)
     config = ServerConfig(model_name=args.served_model_name or args.model, default_method=methods[0],

@@ -71,6 +71,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     import torch
 
     from .. import load
+    from ..loading import resolve_device
     from ..errors import InvalidSettingError
     from .checkpoint import DrafterConfig, make_module, remember_default, save_drafter, target_fingerprint, target_facts
     from .data import build_data
@@ -82,9 +83,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     started = time.time()
     deadline = started + args.max_minutes * 60
-    target = load(args.model)
-    if torch.cuda.is_available():
-        target.model.to("cuda")
+    target = load(args.model, device=resolve_device(args.device))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = target_fingerprint(target.model)
