@@ -253,3 +253,13 @@ def test_kseq_gamma_keeps_residual_nonnegative():
         beta = float(torch.minimum(q, p_root / gamma).sum())
         assert (1 - (1 - beta) ** m) / beta <= gamma * (1 + 1e-5)
         assert torch.isclose(kseq_residual(p_root, q, m, gamma).sum(), torch.tensor(1.0))
+
+
+def test_chain_is_cut_after_its_first_end_token():
+    probs = torch.rand(5, 7)
+    chain = DraftTree.chain(torch.tensor([4, 2, 9, 2, 3]), probs)
+    cut = chain.cut_after_stop({9, 3})
+    assert cut.tokens.tolist() == [[4, 2, 9]] and torch.equal(cut.draft_probs[0], probs[:3])
+    assert chain.cut_after_stop({8}) is chain and chain.cut_after_stop(set()) is chain
+    tree = DraftTree(tokens=torch.tensor([[9, 1, 2]]), parents=(-1, -1, 1))
+    assert tree.cut_after_stop({9}) is tree  # only chains are cut

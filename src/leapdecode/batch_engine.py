@@ -461,7 +461,8 @@ class BatchEngine:
                 budget = min(budget, greedy_share)
             tree = None
             if budget > 0:
-                ctx = DraftContext(row.tokens, len(row.prompt_ids), budget, row.settings.params, row.generator)
+                ctx = DraftContext(row.tokens, len(row.prompt_ids), budget, row.settings.params, row.generator,
+                                   self.target.stop_token_ids)
                 tree = row.drafter.propose(ctx)
             if tree is None or tree.size == 0:
                 tree = DraftTree.chain(_EMPTY)

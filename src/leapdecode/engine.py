@@ -119,12 +119,14 @@ class Decoder:
                 budget = limit - produced - 1  # the target adds one token of its own
                 tree = None
                 if budget > 0:
-                    ctx = DraftContext(tokens, len(prompt_ids), budget, params, generator)
+                    ctx = DraftContext(tokens, len(prompt_ids), budget, params, generator, stop_ids)
                     tree = self.drafter.propose(ctx)
                 if tree is None or tree.size == 0:
                     tree = DraftTree.chain(_EMPTY)
                 elif tree.size > budget:
                     raise LeapdecodeError(f"drafter proposed {tree.size} tokens, over its budget of {budget}")
+                else:
+                    tree = tree.cut_after_stop(stop_ids)
                 start = self.lm.length
                 logits = self.lm.score_tree(torch.tensor([[tokens[-1]]], dtype=torch.long), tree)
                 if logits.device.type != "cpu":  # verification and drafters' bookkeeping run on the CPU

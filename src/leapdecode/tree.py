@@ -74,6 +74,17 @@ class DraftTree:
     draft_probs: torch.Tensor | None = None  # (B, N, V) float32
     _layout: TreeLayout | None = field(default=None, repr=False, compare=False)
 
+    def cut_after_stop(self, stop_ids) -> "DraftTree":
+        """A chain of one sequence cut right after its first end token (what follows can never be
+        committed); any other tree is returned as it is."""
+        if not stop_ids or self.tokens.shape[0] != 1 or not self.layout.is_chain:
+            return self
+        hit = next((i for i, t in enumerate(self.tokens[0].tolist()) if t in stop_ids), None)
+        if hit is None or hit + 1 == self.size:
+            return self
+        probs = None if self.draft_probs is None else self.draft_probs[:, : hit + 1]
+        return DraftTree.chain(self.tokens[:, : hit + 1], probs)
+
     @classmethod
     def chain(cls, tokens: torch.Tensor, draft_probs: torch.Tensor | None = None) -> "DraftTree":
         """A chain: tokens (B, K) or (K,)."""

@@ -19,6 +19,7 @@ class DraftContext:
     max_tokens: int  # proposal budget: at most this many nodes in the tree
     params: SamplingParams
     generator: torch.Generator | None
+    stop_ids: frozenset[int] = frozenset()  # EOS / end-of-turn ids: drafting past one is wasted work
 
 
 @dataclass

@@ -62,19 +62,24 @@ class DraftModelDrafter:
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
         for k in range(budget):
-            if k > 0 and self.confidence_threshold > 0:
-                if float(logits[0].float().softmax(-1).max()) < self.confidence_threshold:
-                    break  # BiLD fallback: the draft model is unsure, let the target decide
             if ctx.params.greedy:
                 token = int(logits[0].argmax())
+                q = None
             else:
                 q = probs_from_logits(logits[0], ctx.params)  # (V,)
                 token = int(sample(q, ctx.generator))
                 probs.append(q)
             drafted.append(token)
-            if k + 1 < budget:
-                logits = self.lm.forward(torch.tensor([[token]], dtype=torch.long))[:, -1]
-                self.fed.append(token)
+            if k + 1 == budget or token in ctx.stop_ids:  # nothing follows an end token
+                break
+            if self.confidence_threshold > 0:
+                # BiLD fallback: the draft model is unsure of the token it just drafted; keep it (its logits
+                # cost nothing more) but stop here and let the target decide.
+                p = q if q is not None else logits[0].float().softmax(-1)
+                if float(p[token]) < self.confidence_threshold:
+                    break
+            logits = self.lm.forward(torch.tensor([[token]], dtype=torch.long))[:, -1]
+            self.fed.append(token)
         draft_probs = torch.stack(probs) if probs else None  # greedy verification needs no probabilities
         return DraftTree.chain(torch.tensor(drafted, dtype=torch.long), draft_probs)
 
