@@ -101,7 +101,10 @@ class ScriptedDrafter:
         self.checked += 1
 
     def propose(self, ctx: DraftContext):
-        self._assert_cache_exact(ctx.tokens)
+        if len(ctx.tokens) == self.prompt_len:  # the prompt is fed with the first verification pass
+            assert self.decoder.lm.length == 0
+        else:
+            self._assert_cache_exact(ctx.tokens)
         done = len(ctx.tokens) - self.prompt_len
         truth = self.reference[done : done + min(ctx.max_tokens, self.rng.randint(1, 6))]  # what the target will accept
         if not truth:

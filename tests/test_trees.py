@@ -71,17 +71,22 @@ def path_of(tree: DraftTree, node: int) -> list[int]:
 
 # ----- scoring and compaction -----------------------------------------------------------------------
 @pytest.mark.parametrize("prefix_len", [3, 11])
-def test_tree_scoring_equals_sequential_decoding(arch, prefix_len):
+@pytest.mark.parametrize("lead", [0, 3, -1], ids=["cached-prefix", "part-fed-with-tree", "all-fed-with-tree"])
+def test_tree_scoring_equals_sequential_decoding(arch, prefix_len, lead):
     """Every node's logits from one tree pass equal those of decoding its path token by token (gemma3 with
-    a sliding window of 6, crossed by the longer prefix)."""
+    a sliding window of 6, crossed by the longer prefix); also when the last `lead` prefix tokens before the
+    root are fed in the same pass (the engine's first step feeds the whole prompt so)."""
     target = tiny_loaded(arch)
     rng = random.Random(prefix_len)
     prefix = [rng.randrange(64) for _ in range(prefix_len)]
     tree = random_tree(rng, 9, 64)
+    cached = len(prefix) - 1 - (min(lead, len(prefix) - 1) if lead >= 0 else len(prefix) - 1)
     with torch.inference_mode():
         lm = CausalLM(target.model)
-        lm.forward(torch.tensor([prefix[:-1]]))
-        logits = lm.score_tree(torch.tensor([[prefix[-1]]]), tree)[0]  # (N+1, V)
+        if cached:
+            lm.forward(torch.tensor([prefix[:cached]]))
+        logits = lm.score_tree(torch.tensor([prefix[cached:]]), tree)[0]  # (N+1, V)
+        assert lm.length == len(prefix) + tree.size
         for row in range(tree.size + 1):
             path = tree.path_tokens(path_of(tree, row - 1)) if row else []
             ref = target.model(input_ids=torch.tensor([prefix + path])).logits[0, -1]

@@ -110,9 +110,13 @@ class Decoder:
         with torch.inference_mode(), self.spec.patch_target(self.build):
             self.lm.reset()
             self.drafter.begin(prompt_ids, params)
-            if len(prompt_ids) > 1:
-                self.lm.forward(torch.tensor([prompt_ids[:-1]], dtype=torch.long), logits_to_keep=1)
-            stats.prefill_time = time.perf_counter() - started
+            # The prompt is fed with the first verification pass (one target call fewer); methods that
+            # patch the target (lossy ones) keep a separate prefill, which some of them decide on.
+            lead = list(prompt_ids[:-1])
+            if self.spec.target_patch is not None and lead:
+                self.lm.forward(torch.tensor([lead], dtype=torch.long), logits_to_keep=1)
+                lead = []
+                stats.prefill_time = time.perf_counter() - started
             tokens = list(prompt_ids)
             produced = 0
             while produced < limit:
@@ -127,8 +131,11 @@ class Decoder:
                     raise LeapdecodeError(f"drafter proposed {tree.size} tokens, over its budget of {budget}")
                 else:
                     tree = tree.cut_after_stop(stop_ids)
-                start = self.lm.length
-                logits = self.lm.score_tree(torch.tensor([[tokens[-1]]], dtype=torch.long), tree)
+                start = self.lm.length + len(lead)  # cache position of the root
+                logits = self.lm.score_tree(torch.tensor([lead + [tokens[-1]]], dtype=torch.long), tree)
+                if lead:
+                    lead = []
+                    stats.prefill_time = time.perf_counter() - started  # prompt + first verification
                 if logits.device.type != "cpu":  # verification and drafters' bookkeeping run on the CPU
                     logits = logits.float().cpu()
                 verdict = verify(tree, logits, params, generator)

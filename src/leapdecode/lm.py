@@ -52,28 +52,43 @@ class CausalLM:
         return {"output_hidden_states": True} if self.keep_hidden else {}
 
     def _keep(self, out) -> None:
-        self.last_hidden = out.hidden_states[-1] if self.keep_hidden else None
+        if not self.keep_hidden:
+            self.last_hidden = None
+            return
+        hidden = out.hidden_states[-1]
+        self.last_hidden = hidden[:, -out.logits.shape[1]:]  # the rows that have logits
 
     def score_tree(self, root: torch.Tensor, tree: DraftTree) -> torch.Tensor:
         """Feed the root token (B, 1) plus every tree node in one pass; return logits (B, N+1, V).
         With `keep_hidden`, `last_hidden` holds the matching final hidden states (B, N+1, H).
 
         Row 0 is the distribution after the root, row i+1 the distribution after node i's path.
+        `root` may also be (B, P): P-1 uncached tokens fed causally before the root (the prompt, so the
+        prefill shares the first verification pass); rows stay those of the root and the nodes.
         A chain takes the plain causal path (no mask needed); other trees use the ancestor mask.
         """
         ids = torch.cat([root, tree.tokens], dim=1)
         layout = tree.layout
         if layout.is_chain:
-            return self.forward(ids)
-        past = self.length
-        positions = (past + layout.depths).unsqueeze(0).expand(ids.shape[0], -1)
-        mask = self._tree_mask(layout.ancestor_mask, past, positions[0], ids.shape[0])
+            return self.forward(ids, logits_to_keep=tree.size + 1)
+        past, lead = self.length, root.shape[1] - 1
+        ancestors, depths = layout.ancestor_mask, layout.depths
+        if lead:  # the lead tokens: causal among themselves, seen by the root and every node
+            q = lead + ancestors.shape[0]
+            full = torch.zeros(q, q, dtype=torch.bool)
+            full[:lead, :lead] = torch.ones(lead, lead, dtype=torch.bool).tril()
+            full[lead:, :lead] = True
+            full[lead:, lead:] = ancestors
+            ancestors, depths = full, torch.cat([torch.arange(lead), lead + depths])
+        positions = (past + depths).unsqueeze(0).expand(ids.shape[0], -1)
+        mask = self._tree_mask(ancestors, past, positions[0], ids.shape[0])
         out = self.model(
             input_ids=ids.to(self.device),
             position_ids=positions.to(self.device),
             attention_mask=mask,
             cache=self.cache,
             use_cache=True,
+            logits_to_keep=tree.size + 1,
             **self._hidden_kwargs(),
         )
         self._keep(out)
