@@ -35,6 +35,7 @@ import torch
 from transformers import DynamicCache
 
 from . import kv_cache
+from .draft_budget import RowAcceptance, StepCostModel, choose_width
 from .drafters.base import DraftContext, DraftFeedback, Drafter
 from .engine import GenerationSettings
 from .errors import InvalidSettingError, LeapdecodeError, PromptTooLongError
@@ -287,6 +288,7 @@ class _Row:
     ids: list[int] = field(default_factory=list)
     produced: int = 0
     finished: bool = False
+    acceptance: RowAcceptance = field(default_factory=RowAcceptance)
 
 
 @dataclass
@@ -326,14 +328,18 @@ class BatchEngine:
     """
 
     def __init__(self, target, methods: Mapping[str, dict] | None = None, draft=None, max_batch_size: int = 8,
-                 compact_slack: int = 16, step_draft_budget: int = 16):
+                 compact_slack: int = 16, step_draft_budget: int = 16, adaptive_width: bool = True):
         if max_batch_size < 1:
             raise InvalidSettingError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.target, self.draft, self.max_batch_size = target, draft, max_batch_size
         # Draft tokens per step shared by the greedy rows of a batch: every row is padded to the longest
         # draft, so long drafts in a full batch cost more than they save. Greedy output does not depend
         # on draft length; sampled rows keep their own budget so seeded output equals a lone run.
+        # Within that budget, `costs` (fitted from the measured steps) and each row's accept history choose
+        # one draft width per step (see draft_budget.py): on a CPU, drafting in a full batch rarely pays.
         self.step_draft_budget = step_draft_budget
+        self.costs = StepCostModel()
+        self.adaptive_width = adaptive_width
         self.specs: dict[str, tuple[MethodSpec, MethodBuild]] = {}
         for name, options in (methods or {"ar": {}}).items():
             spec = get_method(name)
@@ -469,6 +475,8 @@ class BatchEngine:
             elif tree.size > budget:
                 raise LeapdecodeError(f"drafter proposed {tree.size} tokens, over its budget of {budget}")
             trees.append(tree)
+        proposals = self._fit_width(trees)
+        started = time.perf_counter()
         inputs = self.cache.step_inputs([row.tokens[-1] for row in self.rows], trees)
         device = self.lm.device
         masks = {k: m.to(device) for k, m in inputs.masks.items()}
@@ -480,15 +488,42 @@ class BatchEngine:
         logits = out.logits  # (B, q, V)
         verdict = verify_ragged(trees, logits, [r.settings.params for r in self.rows], [r.generator for r in self.rows])
         self.cache.commit(verdict.accepted_nodes, inputs.ids.shape[1])
+        self.costs.observe(inputs.ids.numel(), time.perf_counter() - started)
         self.metrics.batch_passes += 1
         self.metrics.row_passes += len(self.rows)
         for b, row in enumerate(self.rows):
             nodes, new, tree = verdict.accepted_nodes[b], verdict.tokens[b], trees[b]
+            drafted = proposals[b] if proposals[b] is not None else tree
+            if drafted.layout.is_chain:  # the whole proposal, also the part cut off, against what was committed
+                seen = drafted.tokens[0, : len(new)].tolist()
+                agree = next((i for i, (d, t) in enumerate(zip(seen, new)) if d != t), len(seen))
+                row.acceptance.update(len(seen), agree)
+            else:
+                row.acceptance.update(tree.size, len(nodes))
             row.drafter.update(DraftFeedback(proposed=tree.size, accepted=len(nodes), committed=new,
                                              accepted_nodes=nodes, tree=tree,
                                              target_logits=logits[b : b + 1, : tree.size + 1]))
             self._advance(row, new, tree.size)
         self._drop([r for r in self.rows if r.finished], cancelled=False)
+
+    def _fit_width(self, trees: list[DraftTree]) -> list[DraftTree | None]:
+        """Cut the greedy rows' chains to the draft width with the most expected tokens per second; return
+        each row's uncut proposal where it was cut (it still teaches the row's accept rate), else None."""
+        proposals: list[DraftTree | None] = [None] * len(trees)
+        if not self.adaptive_width:
+            return proposals
+        cut = [b for b, (row, tree) in enumerate(zip(self.rows, trees))
+               if row.settings.params.greedy and tree.size > 0 and tree.layout.is_chain]
+        if not cut:
+            return proposals
+        fixed = max((t.size for b, t in enumerate(trees) if b not in cut), default=0)
+        width = choose_width([self.rows[b].acceptance.rate for b in cut], [trees[b].size for b in cut],
+                             len(self.rows), self.costs.coefficients(), fixed_width=fixed)
+        for b in cut:
+            if trees[b].size > width:
+                proposals[b] = trees[b]
+                trees[b] = DraftTree.chain(trees[b].tokens[:, :width])
+        return proposals
 
     def _advance(self, row: _Row, new: list[int], drafted: int) -> None:
         """Commit one step's tokens to a row: stop handling exactly as `Decoder` + `GenerationStream`."""
