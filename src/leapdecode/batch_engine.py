@@ -486,6 +486,8 @@ class BatchEngine:
             cache=self.cache.cache, use_cache=True,
         )
         logits = out.logits  # (B, q, V)
+        if logits.device.type != "cpu":  # verification and drafters' bookkeeping run on the CPU
+            logits = logits.float().cpu()
         verdict = verify_ragged(trees, logits, [r.settings.params for r in self.rows], [r.generator for r in self.rows])
         self.cache.commit(verdict.accepted_nodes, inputs.ids.shape[1])
         self.costs.observe(inputs.ids.numel(), time.perf_counter() - started)

@@ -79,7 +79,8 @@ class LookaheadDrafter:
                 if len(path) == self.ngram - 1:
                     self._add(tuple(path[::-1]) + (guess[node + 1],))
             # Jacobi step on the window: iterates after each window position, shifted past the commit
-            iterates = [guess[0]] + [guess[n + 1] for n in self.window_nodes]
+            # (the engine may have cut the chain after an end token: only the nodes it verified count)
+            iterates = [guess[0]] + [guess[n + 1] for n in self.window_nodes if n < tree.size]
             self.window = iterates[len(committed):]
         else:
             self.window = []

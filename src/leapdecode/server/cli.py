@@ -43,7 +43,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     target = load(args.model, device=device)
     draft = load(args.draft_model, device=device) if args.draft_model else None
     engine = BatchEngine(target, {m: (options if m == methods[0] else {}) for m in methods}, draft=draft,
-                         max_batch_size=args.max_batch_size, step_draft_budget=args.step_draft_budget)
+                         max_batch_size=args.max_batch_size, step_draft_budget=args.step_draft_budget,
+                         adaptive_width=not args.fixed_draft_width)
     config = ServerConfig(model_name=args.served_model_name or args.model, default_method=methods[0],
                           max_tokens_limit=args.max_tokens_limit, api_key=args.api_key or None)
     app = create_app(engine, config)
@@ -73,6 +74,9 @@ def add_parser(subparsers) -> None:
     s.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (default 8)")
     s.add_argument("--step-draft-budget", type=int, default=16,
                    help="draft tokens per step shared by the greedy requests of a batch (default 16)")
+    s.add_argument("--fixed-draft-width", action="store_true",
+                   help="verify every drafted token; by default each step cuts the greedy rows' drafts to the "
+                   "width with the most expected tokens per second (step cost fitted online, accept rates)")
     s.add_argument("--max-tokens-limit", type=int, default=None,
                    help="largest max_tokens a request may ask for (default: the model's context length)")
     s.add_argument("--api-key", default=os.environ.get("LEAPDECODE_API_KEY"),
