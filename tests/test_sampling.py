@@ -147,3 +147,14 @@ def test_same_seed_same_output(models):
     a = dec.generate(PROMPT, max_new_tokens=12, temperature=1.0, seed=5).token_ids
     b = dec.generate(PROMPT, max_new_tokens=12, temperature=1.0, seed=5).token_ids
     assert a == b
+
+
+def test_gumbel_top_k_draws_distinct_possible_tokens_by_probability():
+    from leapdecode.sampling import gumbel_top_k, make_generator
+
+    q = torch.tensor([0.0, 0.6, 0.3, 0.0, 0.1])
+    gen = make_generator(0)
+    first = [gumbel_top_k(q, 5, gen) for _ in range(3000)]
+    assert all(sorted(d) == [1, 2, 4] for d in first)  # only possible tokens, each once
+    share = sum(d[0] == 1 for d in first) / len(first)
+    assert abs(share - 0.6) < 0.04  # the first draw follows q

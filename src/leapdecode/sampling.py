@@ -69,6 +69,16 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return drawn.reshape(probs.shape[:-1]).to(probs.device)
 
 
+def gumbel_top_k(q: torch.Tensor, k: int, generator: torch.Generator | None) -> list[int]:
+    """Up to k distinct tokens drawn from q (V,) without replacement, in draw order (Gumbel-top-k; never a
+    token of probability 0). The noise comes from `generator` on its own device, as in `sample`."""
+    k = min(k, int((q > 0).sum()))
+    where = generator.device if generator is not None else q.device
+    u = torch.rand(q.shape, generator=generator, dtype=torch.float32, device=where).clamp_(1e-20, 1.0).to(q.device)
+    keys = (q.float().clamp_min(1e-30).log() - (-u.log()).log()).masked_fill(q <= 0, float("-inf"))
+    return torch.topk(keys, k).indices.tolist()
+
+
 def make_generator(seed: int | None) -> torch.Generator:
     """An explicit CPU generator; a `None` seed draws a fresh one from the OS."""
     gen = torch.Generator(device="cpu")

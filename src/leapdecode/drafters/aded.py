@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 
 import torch
 
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, gumbel_top_k
 from ..tree import DraftTree
 from ..verifiers.tree_sampling import without_replacement
 from .base import DraftContext, DraftFeedback
@@ -104,8 +104,7 @@ class AdedDrafter:
             if ctx.params.greedy:
                 drawn = torch.topk(q, k).indices.tolist()
             else:  # Gumbel-top-k: k draws without replacement from q
-                u = torch.rand(q.shape, generator=ctx.generator).clamp_min(1e-20)
-                drawn = torch.topk(q.log() - torch.log(-torch.log(u)), k).indices.tolist()
+                drawn = gumbel_top_k(q, k, ctx.generator)
             conditionals = without_replacement(q, drawn)
             for rank, token in enumerate(drawn):
                 self.drafted[key][token] += 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..lm import CausalLM
-from ..sampling import SamplingParams, probs_from_logits
+from ..sampling import SamplingParams, gumbel_top_k, probs_from_logits
 from ..tree import DraftTree
 from ..verifiers.tree_sampling import without_replacement
 from .base import DraftContext, DraftFeedback
@@ -51,13 +51,6 @@ class DraftTreeScorer:
         logits = self.lm.score_tree(torch.tensor([[tokens[-1]]], dtype=torch.long), tree)[0]
         self.lm.crop(len(prefix))
         return logits
-
-
-def gumbel_top_k(q: torch.Tensor, k: int, generator: torch.Generator | None) -> list[int]:
-    """k tokens drawn from q (V,) without replacement."""
-    u = torch.rand(q.shape, generator=generator).clamp_min(1e-20)
-    return torch.topk(q.clamp_min(1e-30).log() - torch.log(-torch.log(u)) + torch.where(q > 0, 0.0, -1e30),
-                      k).indices.tolist()
 
 
 class DraftTreeDrafter:

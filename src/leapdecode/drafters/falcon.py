@@ -25,7 +25,8 @@ from ..sampling import SamplingParams, probs_from_logits
 from ..tree import DraftTree
 from ..verifiers.tree_sampling import without_replacement
 from .base import DraftContext, DraftFeedback
-from .medusa import ResBlock, _gumbel_top
+from ..sampling import gumbel_top_k
+from .medusa import ResBlock
 
 
 class _RMSNorm(nn.Module):
@@ -194,7 +195,7 @@ class FalconDrafter:
                     cond = None
                 else:
                     q = probs_from_logits(logits[rank], ctx.params)
-                    cand = _gumbel_top(q, m, ctx.generator)
+                    cand = gumbel_top_k(q, m, ctx.generator)
                     cond = without_replacement(q, cand)
                 for j, tok in enumerate(cand):
                     parents.append(node[0])

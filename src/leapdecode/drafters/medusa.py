@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..sampling import SamplingParams, probs_from_logits
+from ..sampling import SamplingParams, gumbel_top_k, probs_from_logits
 from ..tree import DraftTree
 from ..verifiers.tree_sampling import without_replacement
 from .base import DraftContext, DraftFeedback
@@ -54,14 +54,6 @@ def parse_paths(spec) -> list[tuple[int, ...]]:
     return paths
 
 
-def _gumbel_top(q: torch.Tensor, m: int, generator: torch.Generator | None) -> list[int]:
-    """m tokens drawn from q (V,) without replacement, in draw order (Gumbel-top-k)."""
-    m = min(m, int((q > 0).sum()))
-    u = torch.rand(q.shape, generator=generator, dtype=torch.float32).clamp_(1e-20, 1.0)
-    keys = q.float().log() - (-u.log()).log()
-    return [int(t) for t in torch.topk(keys, m).indices.tolist()]
-
-
 def grow_tree(paths: list[tuple[int, ...]], child_logits, params: SamplingParams,
               generator: torch.Generator | None) -> DraftTree | None:
     """Fill a path list depth by depth. `child_logits(depth, prefixes)` gets the token prefixes of the parents
@@ -88,7 +80,7 @@ def grow_tree(paths: list[tuple[int, ...]], child_logits, params: SamplingParams
                 cond = None
             else:
                 q = probs_from_logits(logits[row], params)
-                cand = _gumbel_top(q, m, generator)
+                cand = gumbel_top_k(q, m, generator)
                 cond = without_replacement(q, cand)
             for j, tok in enumerate(cand):
                 tokens[par + (j,)] = tok

@@ -20,7 +20,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..sampling import SamplingParams, probs_from_logits
+from ..sampling import SamplingParams, gumbel_top_k, probs_from_logits
 from ..tree import DraftTree
 from ..verifiers.tree_sampling import without_replacement
 from .base import DraftContext, DraftFeedback
@@ -110,8 +110,7 @@ class StandDrafter:
             if ctx.params.greedy:
                 drawn = torch.topk(q, k).indices.tolist()
             else:  # Gumbel-top-k: k draws without replacement
-                gumbel = -torch.log(-torch.log(torch.rand(q.shape, generator=ctx.generator).clamp_min(1e-20)))
-                drawn = torch.topk(q.log() + gumbel, k).indices.tolist()
+                drawn = gumbel_top_k(q, k, ctx.generator)
             conditionals = without_replacement(q, drawn)
             for rank, token in enumerate(drawn):
                 child = builder.add(node, token, conditionals[rank])

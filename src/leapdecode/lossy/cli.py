@@ -107,7 +107,7 @@ def calibrate(target, prompts: list[list[int]], max_new_tokens: int = 48, num_dr
     probe = SimilarityProbe(num_layers(model))
     with torch.inference_mode(), gated(model, probe):
         for p, r in zip(prompts, refs):
-            model(input_ids=torch.tensor([p + r]), use_cache=False)
+            model(input_ids=torch.tensor([p + r], device=model.device), use_cache=False)
     ranking = probe.ranking()
     cands = candidates(model, ranking)
     decoders = {c.name: Decoder(target, "self-spec", skip_attention=sorted(c.skip.attention),

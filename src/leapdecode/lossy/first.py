@@ -49,7 +49,7 @@ class Routers:
 
     def keep_probability(self, feats: dict[int, torch.Tensor]) -> dict[int, float]:
         """feats: layer -> (H,) features of the prompt; returns layer -> keep probability."""
-        return {layer: float(torch.sigmoid(self.weight[r] @ feats[layer].float() + self.bias[r]))
+        return {layer: float(torch.sigmoid(self.weight[r] @ feats[layer].float().cpu() + self.bias[r]))
                 for r, layer in enumerate(self.layers) if layer in feats}
 
     def save(self, path) -> Path:
@@ -167,14 +167,15 @@ def train_routers(model, texts: list[list[int]], *, steps: int = 40, lr: float =
     total = num_layers(model)
     hidden = model.get_input_embeddings().weight.shape[1]
     routers = Routers.init(total, hidden, model_name=model_name)
-    weight = routers.weight.clone().requires_grad_(True)
-    bias = routers.bias.clone().requires_grad_(True)
+    device = model.device
+    weight = routers.weight.clone().to(device).requires_grad_(True)
+    bias = routers.bias.clone().to(device).requires_grad_(True)
     was_training = model.training
     model.eval()
     data = []
     with torch.no_grad():
         for ids in texts:
-            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
+            out = model(input_ids=torch.tensor([ids], device=model.device), output_hidden_states=True, use_cache=False)
             feats = torch.stack([features(out.hidden_states[i])[0] for i in routers.layers])  # (R, H)
             data.append((ids, feats, out.logits.float().log_softmax(-1)))
     opt = torch.optim.Adam([weight, bias], lr=lr)
@@ -186,7 +187,7 @@ def train_routers(model, texts: list[list[int]], *, steps: int = 40, lr: float =
             ids, feats, teacher = data[k]
             g = torch.sigmoid((weight * feats).sum(-1) + bias)  # (R,)
             with _soft_gates(model, {layer: g[r] for r, layer in enumerate(routers.layers)}):
-                logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits.float()
+                logits = model(input_ids=torch.tensor([ids], device=model.device), use_cache=False).logits.float()
             kl = torch.nn.functional.kl_div(logits.log_softmax(-1), teacher, log_target=True, reduction="none").sum(-1).mean()
             loss = kl + sparsity * g.mean() * len(routers.layers)
             opt.zero_grad()
@@ -198,5 +199,5 @@ def train_routers(model, texts: list[list[int]], *, steps: int = 40, lr: float =
                 print(f"step {step + 1}/{steps}: loss {losses[-1]:.4f} (kl {float(kl.detach()):.4f}), mean keep {keep_mean:.3f}", file=log)
     finally:
         model.train(was_training)
-    routers.weight, routers.bias = weight.detach(), bias.detach()
+    routers.weight, routers.bias = weight.detach().cpu(), bias.detach().cpu()
     return routers, TrainReport(steps, losses[0], losses[-1], keep_mean)

@@ -40,7 +40,7 @@ def verify_sampling(
                 q = torch.zeros_like(p)
                 q[x] = 1.0
             else:
-                q = tree.draft_probs[b, i]
+                q = tree.draft_probs[b, i].to(p)
             px, qx = float(p[x]), float(q[x])
             u = float(torch.rand((), generator=generator))
             if qx > 0 and u * qx < px:  # u < p/q without dividing
