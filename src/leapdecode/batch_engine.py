@@ -474,6 +474,8 @@ class BatchEngine:
                 tree = DraftTree.chain(_EMPTY)
             elif tree.size > budget:
                 raise LeapdecodeError(f"drafter proposed {tree.size} tokens, over its budget of {budget}")
+            else:
+                tree = tree.cut_after_stop(self.target.stop_token_ids)
             trees.append(tree)
         proposals = self._fit_width(trees)
         started = time.perf_counter()

@@ -131,6 +131,10 @@ class Decoder:
                     raise LeapdecodeError(f"drafter proposed {tree.size} tokens, over its budget of {budget}")
                 else:
                     tree = tree.cut_after_stop(stop_ids)
+                if lead and not tree.layout.is_chain:  # a tree's mask would span the whole prompt: prefill
+                    self.lm.forward(torch.tensor([lead], dtype=torch.long), logits_to_keep=1)
+                    lead = []
+                    stats.prefill_time = time.perf_counter() - started
                 start = self.lm.length + len(lead)  # cache position of the root
                 logits = self.lm.score_tree(torch.tensor([lead + [tokens[-1]]], dtype=torch.long), tree)
                 if lead:
