@@ -9,7 +9,6 @@ questions are still written).
 from __future__ import annotations
 
 import argparse
-import functools
 import shlex
 import sys
 
@@ -80,6 +79,8 @@ def command_line(args: argparse.Namespace, methods: list[str]) -> str:
         parts += ["--seed", str(args.seed)]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
+    if getattr(args, "device", "auto") != "auto":
+        parts += ["--device", args.device]
     parts += ["--out", args.out]
     if args.strict:
         parts.append("--strict")
@@ -115,9 +116,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from leapdecode.loading import resolve_device
 
     device = resolve_device(args.device)
-    loader = _load_model if device == "cpu" else functools.partial(_load_model, device=device)
-    target = loader(args.model)
-    draft = loader(args.draft_model) if use_draft else None
+    target = _load_model(args.model, device)
+    draft = _load_model(args.draft_model, device) if use_draft else None
     if draft is not None:
         from leapdecode.loading import check_draft_compatible
 

@@ -10,6 +10,9 @@ VERIFICATION = ("greedy: longest path of target argmaxes + target token; samplin
                 "over each node's children (children drawn without replacement from the drafter)")
 
 
+CPU_PATHS = "chain:2"  # medusa/hydra default on a CPU (see below); a GPU gets the 16-node tree of _TREE
+
+
 def _make(kind: str, defaults: dict):
     def make(build: MethodBuild):
         from ..training.checkpoint import default_drafter, load_drafter
@@ -35,7 +38,6 @@ def _make(kind: str, defaults: dict):
     return make
 
 
-CPU_PATHS = "chain:2"
 _TREE = {"paths": "0;1;2;3;0,0;0,1;0,2;1,0;1,1;2,0;0,0,0;0,0,1;0,1,0;1,0,0;0,0,0,0;0,0,0,1", "max_nodes": 64}
 
 register(MethodSpec(
