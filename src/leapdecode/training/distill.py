@@ -147,6 +147,7 @@ def add_distill_parser(subparsers) -> None:
                               "answers with the TVD++ objective and saved as a model folder for --draft-model.")
     p.add_argument("--model", required=True, help="target model")
     p.add_argument("--draft-model", required=True, help="draft model to fine-tune (same tokenizer)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--data", default=None, metavar="FILE.jsonl", help="prompts JSONL (default: built-in prompts)")
     p.add_argument("--self-distill", type=int, default=None, metavar="N", help="number of prompts (default 200)")
     p.add_argument("--out", required=True, metavar="DIR")
@@ -165,6 +166,7 @@ def add_distill_parser(subparsers) -> None:
 def cmd_distill_draft(args: argparse.Namespace) -> int:
     from .. import load
     from ..loading import check_draft_compatible
+    from ..loading import resolve_device
     from .checkpoint import target_fingerprint
     from .cli import _rows
     from .data import _encode, build_data
@@ -172,11 +174,9 @@ def cmd_distill_draft(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
-    target, draft = load(args.model), load(args.draft_model)
+    device = resolve_device(args.device)
+    target, draft = load(args.model, device=device), load(args.draft_model, device=device)
     check_draft_compatible(target, draft)
-    if torch.cuda.is_available():
-        target.model.to("cuda")
-        draft.model.to("cuda")
     if args.self_distill is None and not args.data:
         args.self_distill = 200
     rows = _rows(args)
