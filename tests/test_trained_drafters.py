@@ -21,15 +21,22 @@ from leapdecode.tree import DraftTree
 from conftest import tiny_loaded
 from test_sampling import chi_square_pvalue, exact_distribution
 
-KINDS = ("medusa", "hydra", "falcon")
-SETTINGS = {"medusa": {"num_heads": 3}, "hydra": {"num_heads": 3}, "falcon": {"window": 8}}
+# a variant is a drafter kind with settings; "hydra++" is hydra with Hydra++'s extra decoder layer
+KINDS = ("medusa", "hydra", "hydra++", "falcon")
+KIND = {"hydra++": "hydra"}
+SETTINGS = {"medusa": {"num_heads": 3}, "hydra": {"num_heads": 3}, "hydra++": {"num_heads": 3, "prefix_window": 6},
+            "falcon": {"window": 8}}
 OPTIONS = {"medusa": {"paths": "0;1;2;0,0;0,1;1,0;0,0,0"}, "hydra": {"paths": "0;1;2;0,0;0,1;1,0;0,0,0"},
-           "falcon": {"max_nodes": 8, "top_k": 3}}
+           "hydra++": {"paths": "0;1;2;0,0;0,1;1,0;0,0,0"}, "falcon": {"max_nodes": 8, "top_k": 3}}
+
+
+def kind_of(variant: str) -> str:
+    return KIND.get(variant, variant)
 
 
 def fresh_drafter(kind: str, target, folder: Path, seed: int = 0) -> Path:
     hidden, vocab = target_facts(target.model)
-    config = DrafterConfig(kind=kind, hidden_size=hidden, vocab_size=vocab,
+    config = DrafterConfig(kind=kind_of(kind), hidden_size=hidden, vocab_size=vocab,
                            target_fingerprint=target_fingerprint(target.model), target_name=target.name,
                            settings=SETTINGS[kind])
     torch.manual_seed(seed)
@@ -68,7 +75,7 @@ def test_training_lowers_loss_and_round_trips(kind, tmp_path):
     target = tiny_loaded("llama", scale=3.0)
     data = tiny_data(target, tmp_path)
     hidden, vocab = target_facts(target.model)
-    config = DrafterConfig(kind=kind, hidden_size=hidden, vocab_size=vocab,
+    config = DrafterConfig(kind=kind_of(kind), hidden_size=hidden, vocab_size=vocab,
                            target_fingerprint=target_fingerprint(target.model), settings=SETTINGS[kind])
     torch.manual_seed(0)
     net = make_module(config)
@@ -78,16 +85,16 @@ def test_training_lowers_loss_and_round_trips(kind, tmp_path):
 
         loss_fn = falcon_loss_fn(net, target, data, "ce")
     report = train(net, target, data, TrainSettings(epochs=25, lr=3e-3, batch_size=32, progress=False,
-                                                   objective="distill" if kind == "hydra" else "ce"),
+                                                   objective="distill" if kind_of(kind) == "hydra" else "ce"),
                    tmp_path / "run", loss_fn=loss_fn)
     assert report.last_loss < 0.7 * report.first_loss, report
     save_drafter(tmp_path / "d", net, config)
-    assert read_config(tmp_path / "d").kind == kind
-    _, loaded = load_drafter(tmp_path / "d", target.model, kind=kind)
+    assert read_config(tmp_path / "d").kind == kind_of(kind)
+    _, loaded = load_drafter(tmp_path / "d", target.model, kind=kind_of(kind))
     for (name, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)
     # the trained drafter drafts tokens the target accepts, on a training prompt
-    dec = Decoder(target, kind, drafter=str(tmp_path / "d"), **OPTIONS[kind])
+    dec = Decoder(target, kind_of(kind), drafter=str(tmp_path / "d"), **OPTIONS[kind])
     prompt = [int(i) for i in target.tokenizer("w0 w7 w14 w21 w28")["input_ids"]]
     out = dec.generate(prompt, max_new_tokens=24)
     assert out.token_ids == Decoder(target, "ar").generate(prompt, max_new_tokens=24).token_ids
@@ -110,7 +117,7 @@ def test_greedy_output_equals_ar(kind, arch, tmp_path):
     target = tiny_loaded(arch, scale=3.0)
     folder = fresh_drafter(kind, target, tmp_path / kind)
     ar = Decoder(target, "ar")
-    dec = Decoder(target, kind, drafter=str(folder), **OPTIONS[kind])
+    dec = Decoder(target, kind_of(kind), drafter=str(folder), **OPTIONS[kind])
     for prompt in ([1, 2, 3], [5, 9, 5, 9, 5, 9, 2], [7] * 11):
         want = ar.generate(prompt, max_new_tokens=30).token_ids
         got = dec.generate(prompt, max_new_tokens=30)
@@ -124,7 +131,7 @@ def test_sampling_follows_target_distribution(kind, tmp_path):
     target = tiny_loaded("llama", vocab_size=8, seed=0, scale=3.0)  # peaked enough for a chi-square test
     folder = fresh_drafter(kind, target, tmp_path / kind)
     params = SamplingParams(temperature=1.0)
-    dec = Decoder(target, kind, drafter=str(folder), **OPTIONS[kind])
+    dec = Decoder(target, kind_of(kind), drafter=str(folder), **OPTIONS[kind])
     prompt, runs = [1, 2, 3, 1, 2], 1000
     counts: Counter = Counter()
     branched = 0
@@ -197,3 +204,44 @@ def test_tvdpp_distillation_lowers_total_variation(tmp_path):
     tvdpp_loss(logits_q, logits_p, torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool)).backward()
     assert logits_q.grad[0, 0, 0] < 0 and logits_q.grad[0, 1, 1] > 0
     assert total_variation(logits_p, logits_p, torch.ones(1, 2, dtype=torch.bool)) == 0.0
+
+
+def test_hydra_prefix_layer_sees_what_training_saw(tmp_path):
+    """Hydra++'s extra layer: the feature the drafter computes after each verification step equals the one
+    training computes for the same position from the stored features (same window, same alignment)."""
+    from leapdecode.drafters.base import DraftFeedback
+    from leapdecode.drafters.hydra import HydraDrafter
+
+    target = tiny_loaded("llama", scale=3.0)
+    data = tiny_data(target, tmp_path, n=2, new=16)
+    config = DrafterConfig(kind="hydra", hidden_size=64, vocab_size=64,
+                           target_fingerprint=target_fingerprint(target.model), settings={"prefix_window": 4})
+    torch.manual_seed(0)
+    net = make_module(config)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape))
+    drafter = HydraDrafter(target, net, paths="chain:3")
+    drafter.begin([1, 2], SamplingParams())
+    feats = data.features[: int(data.starts[1])].float()  # the first sample: f_0 .. f_{L-1}
+    position = -1
+    for accepted in (0, 2, 1, 3, 0, 2):  # nodes accepted per step (chain of 3 proposed after the first)
+        proposed = 0 if position < 0 else 3
+        rows = feats[position + 1: position + 2 + proposed]
+        if len(rows) < 1 + proposed:
+            break
+        drafter.update(DraftFeedback(proposed=proposed, accepted=accepted, accepted_nodes=list(range(accepted)),
+                                     target_hidden=rows[None]))
+        position += 1 + accepted
+        window, valid = data.windows(torch.tensor([position]), 4)
+        with torch.no_grad():
+            want = net.enhance(window.float(), valid)[0]
+        torch.testing.assert_close(drafter.feature, want, rtol=1e-5, atol=1e-5)
+    assert position >= 6
+
+
+def test_prefix_window_is_validated():
+    from leapdecode.drafters.hydra import HydraHeads
+
+    with pytest.raises(ValueError, match="prefix_window"):
+        HydraHeads(64, prefix_window=-1)

@@ -41,6 +41,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=160, help="length of each generated answer")
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=1, help="residual blocks per head / decoder layers (falcon)")
+    p.add_argument("--prefix-window", type=int, default=0, metavar="W",
+                   help="hydra: Hydra++'s extra decoder layer over the features of the last W positions "
+                   "(0 = off)")
     p.add_argument("--objective", choices=("ce", "distill"), default="distill",
                    help="distill = Hydra++ teacher distillation on the target's distribution (default)")
     p.add_argument("--checkpoint-every", type=int, default=100)
@@ -94,6 +97,10 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
                       progress=not args.no_progress)
     print(f"data: {data.samples} answers, {len(data.tokens)} tokens")
     settings = {"num_heads": args.num_heads, "layers": args.layers}
+    if args.prefix_window:
+        if args.kind != "hydra" or args.prefix_window < 0:
+            raise InvalidSettingError("--prefix-window needs --kind hydra and a window >= 1")
+        settings["prefix_window"] = args.prefix_window
     config = DrafterConfig(kind=args.kind, hidden_size=hidden, vocab_size=vocab, target_fingerprint=fingerprint,
                            target_name=target.name, settings=settings)
     torch.manual_seed(args.seed)

@@ -106,6 +106,15 @@ class FeatureData:
         lengths = self.starts[1:] - self.starts[:-1]
         return torch.repeat_interleave(self.starts[1:], lengths)
 
+    def windows(self, idx: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features of the `width` positions ending at each row of `idx` (B,), within its sample:
+        (B, width, H), oldest first, and a (B, width) mask of the positions that exist."""
+        lengths = self.starts[1:] - self.starts[:-1]
+        first = torch.repeat_interleave(self.starts[:-1], lengths)[idx]  # (B,) sample start of each row
+        rows = idx[:, None] - (width - 1) + torch.arange(width)[None]
+        valid = rows >= first[:, None]
+        return self.features[rows.clamp(min=0)], valid
+
 
 def _encode(target, row: dict) -> list[int]:
     tok = target.tokenizer

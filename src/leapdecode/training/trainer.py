@@ -2,7 +2,7 @@
 
 Losses (the target's LM head and embeddings stay frozen and are shared, never copied into the drafter):
 - medusa / hydra: head k predicts r_{i+k} from f_i (hydra also from the embeddings of r_i..r_{i+k-1},
-  teacher forcing with the target's own tokens); head k's loss is weighted by `decay`**(k-1) (Medusa's
+  teacher forcing with the target's own tokens; with Hydra++'s extra layer, from f_{i-W+1..i}); head k's loss is weighted by `decay`**(k-1) (Medusa's
   schedule). `objective="ce"` uses the target's tokens, `objective="distill"` (Hydra++'s teacher
   distillation) the target's full distribution softmax(lm_head(f_{i+k})).
 - falcon: see `leapdecode.drafters.falcon` (`FalconDrafterNet.training_loss`).
@@ -49,7 +49,11 @@ class TrainReport:
 def head_loss(net, data: FeatureData, ends: torch.Tensor, idx: torch.Tensor, lm_head, embed,
               decay: float, objective: str, device) -> tuple[torch.Tensor, list[float]]:
     """Loss and per-head accuracy for positions `idx` (B,) of medusa/hydra heads."""
-    feature = data.features[idx].to(device).float()  # (B, H)
+    if getattr(net, "prefix", None) is not None:  # Hydra++'s extra layer over the recent features
+        window, valid = data.windows(idx, net.prefix_window)
+        feature = net.enhance(window.to(device).float(), valid.to(device))  # (B, H)
+    else:
+        feature = data.features[idx].to(device).float()  # (B, H)
     total, accs = 0.0, []
     weight_sum = 0.0
     for k in range(1, net.num_heads + 1):
