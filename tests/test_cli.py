@@ -95,10 +95,22 @@ def test_compare_table(capsys, model_dirs):
     assert len(rows) == 4 and all(line.rstrip().endswith("yes") for line in rows)
 
 
+def test_compare_with_a_lossy_method_is_not_an_error(capsys, model_dirs):
+    """A lossy method may differ from ar: the table says so, the command still succeeds."""
+    code, out, err = run(capsys, "generate", "w1 w2 w3 w1 w2 w3", "--model", model_dirs["target"], "--method",
+                         "early-exit", "--option", "threshold=0.05", "--max-new-tokens", "12", "--compare",
+                         "--repeats", "1")
+    assert code == 0 and "WARNING" not in err
+    assert any(line.startswith("early-exit ") for line in out.splitlines())
+
+
 def test_methods_lists_promise(capsys):
     code, out, _ = run(capsys, "methods")
     assert code == 0
-    assert "pld" in out and "lossless" in out
+    promise = {line.split()[0]: line.split()[1] for line in out.splitlines() if line and not line.startswith("peers")}
+    assert promise["pld"] == "lossless" and promise["self-spec"] == "lossless"
+    for name in ("ffn-skip", "skipdecode", "first", "early-exit"):
+        assert promise[name] == "lossy", name
 
 
 def test_library_errors_are_typed():

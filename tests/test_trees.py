@@ -268,3 +268,8 @@ def test_chain_is_cut_after_its_first_end_token():
     assert chain.cut_after_stop({8}) is chain and chain.cut_after_stop(set()) is chain
     tree = DraftTree(tokens=torch.tensor([[9, 1, 2]]), parents=(-1, -1, 1))
     assert tree.cut_after_stop({9}) is tree  # only chains are cut
+    from leapdecode.verifiers.kseq import MultiDraftTree
+
+    same = MultiDraftTree(tokens=torch.tensor([[4, 9, 2]]), parents=(-1, 0, 1), draft_probs=torch.rand(1, 3, 7),
+                          drafts=((0, 1, 2), (0, 1, 2)))
+    assert same.cut_after_stop({9}) is same  # k coinciding drafts keep the multi-draft rule

@@ -61,8 +61,9 @@ class NoDrafter:
 
 
 class AdaptiveLength:
-    """Draft length from acceptance feedback: grow after a fully accepted draft, shrink after a miss
-    (the schedule of transformers' assisted generation heuristic, bounded to [low, high])."""
+    """Draft length from acceptance feedback: grow after a fully accepted draft (for a tree: the accepted path
+    reached a leaf), shrink after a miss (the schedule of transformers' assisted generation heuristic, bounded
+    to [low, high])."""
 
     def __init__(self, start: int, low: int = 1, high: int = 64, enabled: bool = True):
         self.start, self.low, self.high, self.enabled = start, low, high, enabled
@@ -75,7 +76,14 @@ class AdaptiveLength:
     def update(self, feedback: DraftFeedback) -> None:
         if not self.enabled or feedback.proposed == 0:
             return
-        if feedback.accepted == feedback.proposed:
+        if feedback.accepted == feedback.proposed or _reached_leaf(feedback):
             self.value = min(self.high, self.value + 2)
         else:
             self.value = max(self.low, self.value - 1)
+
+
+def _reached_leaf(feedback: DraftFeedback) -> bool:
+    """Whether the accepted path ends at a node without children (the whole branch was right)."""
+    if feedback.tree is None or not feedback.accepted_nodes:
+        return False
+    return not feedback.tree.layout.children[feedback.accepted_nodes[-1] + 1]
