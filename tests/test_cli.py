@@ -98,7 +98,7 @@ def test_compare_table(capsys, model_dirs):
 def test_compare_with_a_lossy_method_is_not_an_error(capsys, model_dirs):
     """A lossy method may differ from ar: the table says so, the command still succeeds."""
     code, out, err = run(capsys, "generate", "w1 w2 w3 w1 w2 w3", "--model", model_dirs["target"], "--method",
-                         "early-exit", "--option", "threshold=0.05", "--max-new-tokens", "12", "--compare",
+                         "early-exit", "--option", "threshold=0.05", "--option", "exit_layers=0", "--max-new-tokens", "12", "--compare",
                          "--repeats", "1")
     assert code == 0 and "WARNING" not in err
     assert any(line.startswith("early-exit ") for line in out.splitlines())
