@@ -112,6 +112,49 @@ def test_resume_from_checkpoint(tmp_path):
     assert again.resumed_from == first.steps and again.steps == first.steps
 
 
+def test_interrupted_training_resumes_exactly(tmp_path):
+    """Stopped mid-epoch, a run resumes from its last checkpoint in the same order of positions and ends
+    with the weights of an uninterrupted run; a checkpoint of another drafter is not loaded."""
+    from leapdecode.training.trainer import head_loss
+
+    target = tiny_loaded("llama", scale=3.0)
+    data = tiny_data(target, tmp_path, n=4)
+    config = DrafterConfig(kind="hydra", hidden_size=64, vocab_size=64,
+                           target_fingerprint=target_fingerprint(target.model), settings={"num_heads": 2})
+    settings = TrainSettings(epochs=3, batch_size=16, checkpoint_every=3, progress=False)
+    model = target.model
+    lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+
+    def fresh():
+        torch.manual_seed(0)
+        return make_module(config)
+
+    def loss_fn(net, stop_after=None):
+        calls = []
+
+        def fn(idx):
+            calls.append(1)
+            if stop_after is not None and len(calls) > stop_after:
+                raise KeyboardInterrupt
+            return head_loss(net, data, data.ends(), idx, lm_head, embed, 0.8, "ce", "cpu")
+        return fn
+
+    whole = fresh()
+    report = train(whole, target, data, settings, tmp_path / "whole", loss_fn=loss_fn(whole))
+    assert report.steps > 8
+    broken = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        train(broken, target, data, settings, tmp_path / "split", loss_fn=loss_fn(broken, stop_after=7))
+    resumed = fresh()
+    again = train(resumed, target, data, settings, tmp_path / "split", loss_fn=loss_fn(resumed))
+    assert again.resumed_from == 6 and again.steps == report.steps
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    other = DrafterConfig(kind="medusa", hidden_size=64, vocab_size=64, target_fingerprint="x",
+                          settings={"num_heads": 2})
+    assert train(make_module(other), target, data, settings, tmp_path / "split").resumed_from == 0
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_output_equals_ar(kind, arch, tmp_path):
     target = tiny_loaded(arch, scale=3.0)

@@ -30,8 +30,8 @@ def add_parser(subparsers) -> None:
                      help="prompts (\"prompt\"/\"turns\"/\"messages\"; optional \"response\"); 'suite' = the "
                      "benchmark suite (not disjoint from the benchmark!)")
     p.add_argument("--self-distill", type=int, default=None, metavar="N",
-                   help="answer N prompts with the target (built-in prompts, disjoint from the benchmark suite, "
-                   "unless --data is given); default 400")
+                   help="answer N prompts with the target: built-in prompts, disjoint from the benchmark suite "
+                   "(default 400), or the first N of --data")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 (heads), 5e-4 (falcon)")
@@ -82,6 +82,10 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
 
     if args.max_minutes <= 0 or not 0 < args.data_share < 1:
         raise InvalidSettingError("--max-minutes must be > 0 and --data-share in (0, 1)")
+    if args.prefix_window and (args.kind != "hydra" or args.prefix_window < 0):
+        raise InvalidSettingError("--prefix-window needs --kind hydra and a window >= 1")
+    if args.num_heads < 1 or args.layers < 1 or args.epochs <= 0 or args.batch_size < 1:
+        raise InvalidSettingError("--num-heads, --layers and --batch-size must be >= 1 and --epochs > 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
@@ -98,8 +102,6 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     print(f"data: {data.samples} answers, {len(data.tokens)} tokens")
     settings = {"num_heads": args.num_heads, "layers": args.layers}
     if args.prefix_window:
-        if args.kind != "hydra" or args.prefix_window < 0:
-            raise InvalidSettingError("--prefix-window needs --kind hydra and a window >= 1")
         settings["prefix_window"] = args.prefix_window
     config = DrafterConfig(kind=args.kind, hidden_size=hidden, vocab_size=vocab, target_fingerprint=fingerprint,
                            target_name=target.name, settings=settings)

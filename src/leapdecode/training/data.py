@@ -5,7 +5,7 @@ hidden state at the position just before r_i (f_0 = the last prompt token), so l
 A draft head k is then trained to predict r_{i+k} from f_i (and, for Hydra, the embeddings of r_i..r_{i+k-1}).
 
 Data is generated in batches (left padding, `model.generate`) and cached as safetensors shards under
-`<out>/data/`, keyed by the target's fingerprint, the prompts and the generation length, so an interrupted
+`<out>/data-<key>/`, keyed by the target's fingerprint, the prompts and the generation length, so an interrupted
 run resumes and a second run reuses it.
 """
 from __future__ import annotations

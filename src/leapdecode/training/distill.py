@@ -96,20 +96,28 @@ def distill(target, draft, prompts: list[list[int]], responses: list[list[int]],
     gen = torch.Generator().manual_seed(seed)
     step, first_tvd, tvds = 0, None, []
     ckpt = out / "distill-checkpoint.pt"
+    epoch_gen = gen.get_state()  # the generator at the start of the current epoch (its order is drawn from it)
+
+    def save_checkpoint() -> None:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch_gen": epoch_gen, "step": step,
+                    "first_tvd": first_tvd, "total": total, "prompts": len(prompts)}, str(ckpt) + ".tmp")
+        Path(str(ckpt) + ".tmp").replace(ckpt)
+
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state.get("total") == total:
+        if state.get("total") == total and state.get("prompts") == len(prompts) and "epoch_gen" in state:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
-            gen.set_state(state["gen"])
+            gen.set_state(state["epoch_gen"])
             step, first_tvd = state["step"], state["first_tvd"]
     deadline = time.time() + max_minutes * 60 if max_minutes else None
     started = time.time()
     bar = tqdm(total=total, initial=step, desc="distill (TVD++)", unit="step", disable=not progress)
-    done = step
+    done = step % per_epoch  # batches of the current epoch already trained before a resume
     while step < total and not (deadline and time.time() > deadline):
+        epoch_gen = gen.get_state()
         for n, (ids, attn, mask) in enumerate(_batches(prompts, responses, batch_size, gen)):
-            if done > 0:  # skip the batches of an epoch already trained before a resume
+            if done > 0:  # the same epoch order again (same generator state); skip what was trained
                 done -= 1
                 continue
             if step >= total or (deadline and time.time() > deadline):
@@ -132,9 +140,9 @@ def distill(target, draft, prompts: list[list[int]], responses: list[list[int]],
             bar.set_postfix(tvd=f"{sum(tvds) / len(tvds):.3f}")
             bar.update(1)
             if step % checkpoint_every == 0:
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                            "step": step, "first_tvd": first_tvd, "total": total}, ckpt)
+                save_checkpoint()
     bar.close()
+    save_checkpoint()
     model.eval()
     return DistillReport(steps=step, first_tvd=float(first_tvd or float("nan")),
                          last_tvd=sum(tvds) / len(tvds) if tvds else float("nan"),

@@ -5,7 +5,7 @@ Losses (the target's LM head and embeddings stay frozen and are shared, never co
   teacher forcing with the target's own tokens; with Hydra++'s extra layer, from f_{i-W+1..i}); head k's loss is weighted by `decay`**(k-1) (Medusa's
   schedule). `objective="ce"` uses the target's tokens, `objective="distill"` (Hydra++'s teacher
   distillation) the target's full distribution softmax(lm_head(f_{i+k})).
-- falcon: see `leapdecode.drafters.falcon` (`FalconDrafterNet.training_loss`).
+- falcon: see `leapdecode.drafters.falcon` (`falcon_loss_fn`).
 """
 from __future__ import annotations
 
@@ -109,17 +109,23 @@ def train(net, target, data: FeatureData, settings: TrainSettings, out: str | Pa
     gen = torch.Generator().manual_seed(settings.seed)
     step, first_loss, resumed = 0, None, 0
     ckpt = out / CHECKPOINT
+    order = torch.randperm(len(positions), generator=gen)  # this epoch's order of positions
+    signature = net_signature(net)
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state.get("total_steps") == total_steps and state.get("positions") == len(positions):
+        same_run = (state.get("total_steps") == total_steps and state.get("positions") == len(positions)
+                    and state.get("signature") == signature)
+        if same_run:
             net.load_state_dict(state["net"])
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
             gen.set_state(state["gen"])
+            order = state["order"]  # the interrupted epoch goes on in its own order
             step, first_loss, resumed = state["step"], state["first_loss"], state["step"]
+        elif settings.progress:
+            print(f"{ckpt}: a checkpoint of another run (other drafter, settings or data); starting afresh")
     started = time.time()
     deadline = started + settings.max_minutes * 60 if settings.max_minutes else None
-    order = torch.randperm(len(positions), generator=gen)
     recent_loss: list[float] = []
     recent_acc: list[list[float]] = []
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not settings.progress)
@@ -128,7 +134,8 @@ def train(net, target, data: FeatureData, settings: TrainSettings, out: str | Pa
     def save_checkpoint() -> None:
         torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "gen": gen.get_state(), "step": step, "first_loss": first_loss, "total_steps": total_steps,
-                    "positions": len(positions)}, out / (CHECKPOINT + ".tmp"))
+                    "positions": len(positions), "signature": signature, "order": order},
+                   out / (CHECKPOINT + ".tmp"))
         (out / (CHECKPOINT + ".tmp")).replace(ckpt)
 
     while step < total_steps:
@@ -162,6 +169,12 @@ def train(net, target, data: FeatureData, settings: TrainSettings, out: str | Pa
                        last_loss=sum(recent_loss) / max(1, len(recent_loss)) if recent_loss else float("nan"),
                        head_accuracy=_mean_cols(recent_acc), minutes=(time.time() - started) / 60,
                        resumed_from=resumed, stopped=stopped)
+
+
+def net_signature(net: torch.nn.Module) -> str:
+    """The drafter's class and parameter shapes: a checkpoint only resumes the same network."""
+    shapes = [f"{name}:{tuple(t.shape)}" for name, t in net.state_dict().items()]
+    return type(net).__name__ + "|" + ";".join(shapes)
 
 
 def _mean_cols(rows: list[list[float]]) -> list[float]:
