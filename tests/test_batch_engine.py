@@ -163,3 +163,95 @@ def test_draft_width_follows_acceptance_and_cost():
         costs.observe(n, 0.02 + 0.005 * n)
     t0, t1 = costs.coefficients()
     assert abs(t0 - 0.02) < 1e-6 and abs(t1 - 0.005) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "hydra++", "falcon"])
+def test_feature_drafters_draft_and_equal_decoding_alone(kind, tmp_path):
+    """Trained drafters read the target's final hidden states from the batched pass: they draft (trees), and
+    greedy and seeded output, drafts and accepts equal the same request decoded alone; an ar row shares the
+    batch (only some rows ask for the features)."""
+    from test_trained_drafters import OPTIONS, fresh_drafter, kind_of
+
+    target = tiny_loaded("llama", scale=3.0)
+    method, options = kind_of(kind), {"drafter": str(fresh_drafter(kind, target, tmp_path / kind)), **OPTIONS[kind]}
+    engine = BatchEngine(target, {"ar": {}, method: options}, max_batch_size=4, step_draft_budget=64,
+                         adaptive_width=False)  # every row keeps its whole tree: the same drafts as alone
+    jobs = []
+    for i, prompt in enumerate(random_prompts(5, n=4)):
+        kw = dict(max_new_tokens=20, temperature=0.8, seed=5) if i == 2 else dict(max_new_tokens=20)
+        name = "ar" if i == 3 else method
+        jobs.append((prompt, name, kw, engine.submit(prompt, name, _settings(**kw))))
+    engine.run_until_done()
+    for prompt, name, kw, handle in jobs:
+        assert handle.error is None
+        alone = Decoder(target, name, **(options if name == method else {})).generate(prompt, **kw)
+        assert handle.result.token_ids == alone.token_ids, name
+        assert handle.result.stats.accept_lengths == alone.stats.accept_lengths, name
+        if name == method:
+            assert handle.result.stats.drafted_tokens == alone.stats.drafted_tokens > 0
+
+
+def test_trained_drafter_loaded_once_per_engine(tmp_path, monkeypatch):
+    """Requests share the loaded network (read-only) but each has its own drafter."""
+    from leapdecode.training import checkpoint
+    from test_trained_drafters import fresh_drafter
+
+    target = tiny_loaded("llama", scale=3.0)
+    folder = fresh_drafter("hydra", target, tmp_path / "hydra")
+    loads = []
+    real = checkpoint.load_drafter
+    monkeypatch.setattr(checkpoint, "load_drafter", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    engine = BatchEngine(target, {"hydra": {"drafter": str(folder), "paths": "0;1;0,0"}}, max_batch_size=4)
+    for prompt in random_prompts(6, n=3):
+        engine.submit(prompt, "hydra", _settings(max_new_tokens=8))
+    engine.step()
+    assert len(engine.rows) == 3 and len(loads) == 1
+    assert len({id(r.drafter) for r in engine.rows}) == 3 and len({id(r.drafter.net) for r in engine.rows}) == 1
+    engine.run_until_done()
+    assert len(loads) == 1 and engine.metrics.requests_finished == 3
+
+
+def test_a_failing_row_fails_alone():
+    """A row whose sampling (NaN temperature), drafter or joining (a seed no generator takes) raises ends with
+    its error; no orphan cache row is left, and the other rows' output equals decoding alone."""
+    import math
+
+    from leapdecode.batch_engine import SequenceHandle, _Pending
+    from leapdecode.engine import GenerationSettings
+
+    target = tiny_loaded("llama", scale=6.0)
+    engine = BatchEngine(target, {"ar": {}, "pld": {}}, max_batch_size=8)
+    prompts = random_prompts(7, n=4)
+    good = [engine.submit(prompts[0], "pld", _settings(max_new_tokens=20)),
+            engine.submit(prompts[1], "ar", _settings(max_new_tokens=20, temperature=0.8, seed=3))]
+    nan = engine.submit(prompts[2], "ar", GenerationSettings(max_new_tokens=20,
+                                                              params=SamplingParams(temperature=math.nan)))
+    broken = engine.submit(prompts[3], "pld", _settings(max_new_tokens=20))
+    engine.step()
+    assert "nan" in nan.error and engine.metrics.requests_failed == 1
+    assert len(engine.rows) == engine.cache.rows == 3
+    next(r for r in engine.rows if r.handle is broken).drafter.propose = lambda ctx: 1 / 0
+    orphan = SequenceHandle(-1, None)  # past submit's check, as a request that fails while joining
+    engine._waiting.append(_Pending(orphan, prompts[2], "pld", _settings(max_new_tokens=20, seed=2**70)))
+    good.append(engine.submit(prompts[2], "ar", _settings(max_new_tokens=20)))
+    engine.step()
+    assert "ZeroDivisionError" in broken.error and "Overflow" in orphan.error
+    assert len(engine.rows) == engine.cache.rows == 3 and engine.metrics.requests_failed == 3
+    engine.run_until_done()
+    kws = [{}, dict(temperature=0.8, seed=3), {}]
+    for handle, prompt, kw in zip(good, [prompts[0], prompts[1], prompts[2]], kws):
+        assert handle.error is None
+        assert handle.result.token_ids == Decoder(target, "ar").generate(prompt, max_new_tokens=20, **kw).token_ids
+    assert engine.rows == [] and engine.cache.width == 0
+
+
+def test_bad_seed_and_incompatible_draft_are_refused():
+    from leapdecode.errors import IncompatibleDraftError, InvalidSettingError
+
+    target = tiny_loaded("llama")
+    engine = BatchEngine(target, {"ar": {}})
+    with pytest.raises(InvalidSettingError, match="seed"):
+        engine.submit([1, 2], "ar", _settings(seed=2**70))
+    assert engine.metrics.waiting == 0
+    with pytest.raises(IncompatibleDraftError, match="cannot draft"):
+        BatchEngine(target, {"draft": {}}, draft=tiny_loaded("llama", vocab_size=32, layers=1))

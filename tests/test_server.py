@@ -263,3 +263,48 @@ def test_bench_serve_against_a_running_server(capsys):
         assert run_bench_serve(args) == 0
     out = capsys.readouterr().out
     assert "tok/s" in out and "batch 2: throughput vs ar: pld" in out
+
+
+def test_serve_options_per_method(tmp_path):
+    """`--option key=value` configures the default method, `--option METHOD@key=value` the method named (as a
+    bench method spec), and a `--method` entry may carry its own options."""
+    from leapdecode.errors import LeapdecodeError
+    from leapdecode.server.cli import serve_methods
+    from test_trained_drafters import fresh_drafter
+
+    assert serve_methods("pld", ["num_draft_tokens=6"], False) == {"pld": {"num_draft_tokens": 6}, "ar": {}}
+    methods = serve_methods("pld@max_ngram=2,hydra", ["num_draft_tokens=6", "hydra@drafter=/runs/h",
+                                                      "hydra@paths=0;1;0,0", "pld@min_ngram=2"], True)
+    assert list(methods) == ["pld", "hydra", "ar", "draft"]
+    assert methods["pld"] == {"max_ngram": 2, "num_draft_tokens": 6, "min_ngram": 2}
+    assert methods["hydra"] == {"drafter": "/runs/h", "paths": "0;1;0,0"} and methods["ar"] == methods["draft"] == {}
+    with pytest.raises(LeapdecodeError, match="'hydra' is not served"):
+        serve_methods("pld", ["hydra@drafter=/runs/h"], False)
+    with pytest.raises(LeapdecodeError, match="key=value"):
+        serve_methods("pld", ["hydra@drafter"], False)
+    target = tiny_loaded("llama", scale=3.0)
+    folder = fresh_drafter("hydra", target, tmp_path / "hydra")
+    engine = BatchEngine(target, serve_methods("ar,hydra", [f"hydra@drafter={folder}", "hydra@paths=0;1;0,0"],
+                                               False))
+    assert engine.generate([3, 4, 5, 3, 4], "hydra", max_new_tokens=12).stats.drafted_tokens > 0
+
+
+def test_bench_serve_reports_server_errors_in_one_line(capsys):
+    import argparse
+
+    from leapdecode.cli import main
+    from leapdecode.errors import LeapdecodeError
+    from leapdecode.server.bench import run_bench_serve
+
+    engine = BatchEngine(_target(), {"ar": {}}, max_batch_size=2)
+    app = create_app(engine, ServerConfig(model_name=MODEL, default_method="ar"))
+    with BackgroundServer(app) as server:
+        args = argparse.Namespace(url=server.url, model=None, draft_model=None, methods="ar,pld", batch_sizes="1",
+                                  requests=1, max_tokens=2, api_key=None, json=None)
+        with pytest.raises(LeapdecodeError, match="HTTP 400: unknown method 'pld'; this server loaded: ar"):
+            run_bench_serve(args)
+        code = main(["bench-serve", "--url", server.url, "--methods", "ar,pld", "--batch-sizes", "1",
+                     "--requests", "1", "--max-tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "unknown method 'pld'" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

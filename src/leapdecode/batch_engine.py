@@ -22,6 +22,11 @@ alone (up to float summation order), which the tests check as identical greedy o
 
 Sliding-window layers (gemma3) get their own mask from the same positions, like `lm.CausalLM` does.
 Methods that patch the target (`MethodSpec.target_patch`) cannot share a batch and are refused.
+Drafters that read the target's features (`needs_target_hidden`: medusa, hydra, falcon) make the step ask for
+`output_hidden_states`; each such row gets its own rows of the final hidden states, as `Decoder` hands them.
+An error in one row (its drafter, its verification or sampling, its stop handling) fails only that row; an
+error in the shared forward pass fails the batch. Trained drafters' networks are loaded once per method
+(`SharedBuild.shared`) and shared, read-only, by the requests' drafters.
 """
 from __future__ import annotations
 
@@ -51,33 +56,52 @@ _EMPTY = torch.zeros(1, 0, dtype=torch.long)
 _NEVER = -1  # pad token for drafts: never equal to an argmax, so padded nodes are never accepted
 
 
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
 # ----- the ragged verifier -------------------------------------------------------------------------------
 
 def verify_ragged(trees: list[DraftTree], logits: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator | None]) -> Verdict:
+                  generators: list[torch.Generator | None], errors: dict[int, str] | None = None) -> Verdict:
     """Verify a ragged batch: row b has its own tree (n_b nodes) and reads logits[b, :n_b+1] (B, Q, V).
 
     Greedy chains are verified together: each chain is padded to the longest with a token that never
     matches, so acceptance stops at the row's own length. Sampling rows and branching trees are verified one
     row at a time with the row's own generator, so each row draws exactly the random numbers it would alone.
+    With `errors` (row -> message), rows already in it are skipped and a row whose verification raises is
+    recorded there (with nothing accepted and no token) instead of failing the others; without it, errors
+    propagate.
     """
     batch = len(trees)
+    skip = errors if errors is not None else {}
     accepted: list[list[int]] = [[] for _ in range(batch)]
     tokens: list[list[int]] = [[] for _ in range(batch)]
-    together = [b for b in range(batch) if params[b].greedy and trees[b].layout.is_chain]
+    together = [b for b in range(batch) if b not in skip and params[b].greedy and trees[b].layout.is_chain]
     if together:
-        width = max(trees[b].size for b in together)
-        padded = torch.full((len(together), width), _NEVER, dtype=torch.long)
-        for i, b in enumerate(together):
-            padded[i, : trees[b].size] = trees[b].tokens[0]
-        verdict = verify_greedy(DraftTree.chain(padded), logits[together, : width + 1])
-        for i, b in enumerate(together):
-            accepted[b], tokens[b] = verdict.accepted_nodes[i], verdict.tokens[i]
+        try:
+            width = max(trees[b].size for b in together)
+            padded = torch.full((len(together), width), _NEVER, dtype=torch.long)
+            for i, b in enumerate(together):
+                padded[i, : trees[b].size] = trees[b].tokens[0]
+            verdict = verify_greedy(DraftTree.chain(padded), logits[together, : width + 1])
+            for i, b in enumerate(together):
+                accepted[b], tokens[b] = verdict.accepted_nodes[i], verdict.tokens[i]
+        except Exception:
+            if errors is None:
+                raise
+            together = []  # find the row at fault: verify each one alone below
     for b in range(batch):
-        if b in together:
+        if b in together or b in skip:
             continue
         n = trees[b].size
-        verdict = verify(trees[b], logits[b : b + 1, : n + 1], params[b], generators[b])
+        try:
+            verdict = verify(trees[b], logits[b : b + 1, : n + 1], params[b], generators[b])
+        except Exception as err:
+            if errors is None:
+                raise
+            errors[b] = _describe(err)
+            continue
         accepted[b], tokens[b] = verdict.accepted_nodes[0], verdict.tokens[0]
     return Verdict(accepted_nodes=accepted, tokens=tokens)
 
@@ -138,7 +162,8 @@ class RaggedCache:
         self.layers = _layers_of(self.cache)
 
     def add_row(self, row: DynamicCache, length: int) -> None:
-        """Append one sequence's prefilled cache (1, H, length, D) as the last row, right-aligned."""
+        """Append one sequence's prefilled cache (1, H, length, D) as the last row, right-aligned.
+        All or nothing: the cache is changed only once the merged row is built."""
         row_layers = _layers_of(row) if length else []
         width = max(self.width, length)
         template = self.layers or row_layers
@@ -149,11 +174,10 @@ class RaggedCache:
             theirs = [_left_pad(t, width, 1, template[i][j]) for j, t in
                       enumerate(row_layers[i] if row_layers else (None, None))]
             merged.append((torch.cat([mine[0], theirs[0]], 0), torch.cat([mine[1], theirs[1]], 0)))
-        self.layers = merged
         valid_row = torch.zeros(1, width, dtype=torch.bool)
         valid_row[0, width - length :] = True
         old = torch.cat([torch.zeros(self.rows, width - self.width, dtype=torch.bool), self.valid], 1)
-        self.valid = torch.cat([old, valid_row], 0)
+        self.layers, self.valid = merged, torch.cat([old, valid_row], 0)
         self._rebuild()
 
     def keep_rows(self, rows: list[int]) -> None:
@@ -320,6 +344,14 @@ class EngineMetrics:
 
 # ----- the engine ----------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class SharedBuild(MethodBuild):
+    """A method's build that lives as long as the engine: `shared` keeps what every request's drafter may
+    reuse read-only (a trained drafter's loaded network), so it is loaded once, not per request."""
+
+    shared: dict = field(default_factory=dict)
+
+
 class BatchEngine:
     """Serves many generation requests with one target model, one batched forward pass per step.
 
@@ -340,15 +372,22 @@ class BatchEngine:
         self.step_draft_budget = step_draft_budget
         self.costs = StepCostModel()
         self.adaptive_width = adaptive_width
-        self.specs: dict[str, tuple[MethodSpec, MethodBuild]] = {}
-        for name, options in (methods or {"ar": {}}).items():
+        methods = dict(methods or {"ar": {}})
+        for name in methods:
             spec = get_method(name)
             if spec.target_patch is not None:
                 raise InvalidSettingError(f"method {name!r} patches the target model and cannot share a batch")
             if spec.needs_draft_model and draft is None:
                 raise InvalidSettingError(f"method {name!r} needs a draft model")
-            build = MethodBuild(target=target, draft=draft, options=dict(options or {}))
-            spec.make_drafter(build)  # validates the options now
+        if draft is not None:  # like `Decoder`: a draft with another tokenizer is refused at start, not per request
+            from .loading import check_draft_compatible
+
+            check_draft_compatible(target, draft)
+        self.specs: dict[str, tuple[MethodSpec, SharedBuild]] = {}
+        for name, options in methods.items():
+            spec = get_method(name)
+            build = SharedBuild(target=target, draft=draft, options=dict(options or {}))
+            spec.make_drafter(build)  # validates the options now (and loads what the drafters share)
             self.specs[name] = (spec, build)
         self.lm = CausalLM(target.model)  # used for prefill of joining sequences
         self.cache = RaggedCache(self.lm.sliding_window, compact_slack)
@@ -375,6 +414,11 @@ class BatchEngine:
         context = self.target.context_length
         if len(prompt_ids) >= context:
             raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens but the context is {context} tokens")
+        if settings.seed is not None:
+            try:
+                make_generator(settings.seed)
+            except (RuntimeError, ValueError, TypeError, OverflowError) as err:
+                raise InvalidSettingError(f"seed {settings.seed!r} cannot seed a generator: {err}") from None
         with self._lock:
             handle = SequenceHandle(self._next_id, on_update)
             self._next_id += 1
@@ -397,9 +441,9 @@ class BatchEngine:
             if self.rows:
                 try:
                     self._decode_step()
-                except Exception as err:  # a bug or resource error: fail the batch, keep the engine usable
-                    for row in self.rows:
-                        row.handle._emit(SequenceUpdate(finished=True, error=f"{type(err).__name__}: {err}"))
+                except Exception as err:  # the shared pass failed (a bug or resource error): fail the batch,
+                    for row in self.rows:  # keep the engine usable
+                        row.handle._emit(SequenceUpdate(finished=True, error=_describe(err)))
                     self.metrics.requests_failed += len(self.rows)
                     self.rows = []
                     self.cache = RaggedCache(self.lm.sliding_window, self.cache.compact_slack)
@@ -435,79 +479,104 @@ class BatchEngine:
             try:
                 self._join(pending)
             except Exception as err:
-                pending.handle._emit(SequenceUpdate(finished=True, error=f"{type(err).__name__}: {err}"))
+                pending.handle._emit(SequenceUpdate(finished=True, error=_describe(err)))
                 self.metrics.requests_failed += 1
 
     def _join(self, p: _Pending) -> None:
-        """Prefill one sequence alone (exactly as `Decoder` does) and merge its cache row into the batch."""
+        """Prefill one sequence alone (exactly as `Decoder` does) and merge its cache row into the batch.
+
+        Everything that may fail for this request alone (its drafter, generator, text state, prefill) comes
+        before its cache row is added, so a failure leaves the batch as it was."""
         spec, build = self.specs[p.method]
         started = time.perf_counter()
+        generator = make_generator(p.settings.seed)
         drafter = spec.make_drafter(build)
-        params = p.settings.params
-        drafter.begin(p.prompt_ids, params)
-        self.lm.reset()
-        if len(p.prompt_ids) > 1:
-            self.lm.forward(torch.tensor([p.prompt_ids[:-1]], dtype=torch.long), logits_to_keep=1)
-        self.cache.add_row(self.lm.cache, len(p.prompt_ids) - 1)
-        self.lm.reset()
+        drafter.begin(p.prompt_ids, p.settings.params)
+        text = TextAssembler(self.target.tokenizer, p.settings.stop)
         stats = GenerationStats(method=p.method, prompt_tokens=len(p.prompt_ids))
-        stats.prefill_time = time.perf_counter() - started
         limit = min(p.settings.max_new_tokens, self.target.context_length - len(p.prompt_ids))
-        self.rows.append(_Row(handle=p.handle, method=p.method, prompt_ids=p.prompt_ids, settings=p.settings,
-                              drafter=drafter, generator=make_generator(p.settings.seed), tokens=list(p.prompt_ids),
-                              limit=limit, text=TextAssembler(self.target.tokenizer, p.settings.stop), stats=stats,
-                              started=started))
+        row = _Row(handle=p.handle, method=p.method, prompt_ids=p.prompt_ids, settings=p.settings, drafter=drafter,
+                   generator=generator, tokens=list(p.prompt_ids), limit=limit, text=text, stats=stats,
+                   started=started)
+        self.lm.reset()
+        try:
+            if len(p.prompt_ids) > 1:
+                self.lm.forward(torch.tensor([p.prompt_ids[:-1]], dtype=torch.long), logits_to_keep=1)
+            self.cache.add_row(self.lm.cache, len(p.prompt_ids) - 1)
+        finally:
+            self.lm.reset()
+        stats.prefill_time = time.perf_counter() - started
+        self.rows.append(row)
+
+    def _propose(self, row: _Row) -> DraftTree:
+        """The row's draft for this step (an empty chain when it proposes nothing), within its budget."""
+        budget = row.limit - row.produced - 1
+        if row.settings.params.greedy:
+            budget = min(budget, max(1, self.step_draft_budget // max(1, len(self.rows))))
+        tree = None
+        if budget > 0:
+            ctx = DraftContext(row.tokens, len(row.prompt_ids), budget, row.settings.params, row.generator,
+                               self.target.stop_token_ids)
+            tree = row.drafter.propose(ctx)
+        if tree is None or tree.size == 0:
+            return DraftTree.chain(_EMPTY)
+        if tree.size > budget:
+            raise LeapdecodeError(f"drafter proposed {tree.size} tokens, over its budget of {budget}")
+        return tree.cut_after_stop(self.target.stop_token_ids)
 
     def _decode_step(self) -> None:
+        """Propose, one batched target pass, verify, commit. An error in one row's own work fails that row."""
+        failed: dict[int, str] = {}  # row index -> error
         trees: list[DraftTree] = []
-        greedy_share = max(1, self.step_draft_budget // max(1, len(self.rows)))
-        for row in self.rows:
-            budget = row.limit - row.produced - 1
-            if row.settings.params.greedy:
-                budget = min(budget, greedy_share)
-            tree = None
-            if budget > 0:
-                ctx = DraftContext(row.tokens, len(row.prompt_ids), budget, row.settings.params, row.generator,
-                                   self.target.stop_token_ids)
-                tree = row.drafter.propose(ctx)
-            if tree is None or tree.size == 0:
-                tree = DraftTree.chain(_EMPTY)
-            elif tree.size > budget:
-                raise LeapdecodeError(f"drafter proposed {tree.size} tokens, over its budget of {budget}")
-            else:
-                tree = tree.cut_after_stop(self.target.stop_token_ids)
-            trees.append(tree)
+        for b, row in enumerate(self.rows):
+            try:
+                trees.append(self._propose(row))
+            except Exception as err:
+                failed[b] = _describe(err)
+                trees.append(DraftTree.chain(_EMPTY))
         proposals = self._fit_width(trees)
         started = time.perf_counter()
         inputs = self.cache.step_inputs([row.tokens[-1] for row in self.rows], trees)
         device = self.lm.device
         masks = {k: m.to(device) for k, m in inputs.masks.items()}
+        wants_hidden = [bool(getattr(row.drafter, "needs_target_hidden", False)) for row in self.rows]
         out = self.target.model(
             input_ids=inputs.ids.to(device), position_ids=inputs.positions.to(device),
             attention_mask=masks if self.cache.sliding_window is not None else masks["full_attention"],
-            cache=self.cache.cache, use_cache=True,
+            cache=self.cache.cache, use_cache=True, **({"output_hidden_states": True} if any(wants_hidden) else {}),
         )
         logits = out.logits  # (B, q, V)
+        hidden = out.hidden_states[-1] if any(wants_hidden) else None  # (B, q, H): final norm outputs
         if logits.device.type != "cpu":  # verification and drafters' bookkeeping run on the CPU
             logits = logits.float().cpu()
-        verdict = verify_ragged(trees, logits, [r.settings.params for r in self.rows], [r.generator for r in self.rows])
+        verdict = verify_ragged(trees, logits, [r.settings.params for r in self.rows],
+                                [r.generator for r in self.rows], errors=failed)
         self.cache.commit(verdict.accepted_nodes, inputs.ids.shape[1])
         self.costs.observe(inputs.ids.numel(), time.perf_counter() - started)
         self.metrics.batch_passes += 1
         self.metrics.row_passes += len(self.rows)
         for b, row in enumerate(self.rows):
+            if b in failed:
+                continue
             nodes, new, tree = verdict.accepted_nodes[b], verdict.tokens[b], trees[b]
-            drafted = proposals[b] if proposals[b] is not None else tree
-            if drafted.layout.is_chain:  # the whole proposal, also the part cut off, against what was committed
-                seen = drafted.tokens[0, : len(new)].tolist()
-                agree = next((i for i, (d, t) in enumerate(zip(seen, new)) if d != t), len(seen))
-                row.acceptance.update(len(seen), agree)
-            else:
-                row.acceptance.update(tree.size, len(nodes))
-            row.drafter.update(DraftFeedback(proposed=tree.size, accepted=len(nodes), committed=new,
-                                             accepted_nodes=nodes, tree=tree,
-                                             target_logits=logits[b : b + 1, : tree.size + 1]))
-            self._advance(row, new, tree.size)
+            try:
+                drafted = proposals[b] if proposals[b] is not None else tree
+                if drafted.layout.is_chain:  # the whole proposal, also the part cut off, against what was committed
+                    seen = drafted.tokens[0, : len(new)].tolist()
+                    agree = next((i for i, (d, t) in enumerate(zip(seen, new)) if d != t), len(seen))
+                    row.acceptance.update(len(seen), agree)
+                else:
+                    row.acceptance.update(tree.size, len(nodes))
+                # each row's own rows of the features, like `Decoder` hands them: (1, N+1, H)
+                own_hidden = hidden[b : b + 1, : tree.size + 1].clone() if wants_hidden[b] else None
+                row.drafter.update(DraftFeedback(proposed=tree.size, accepted=len(nodes), committed=new,
+                                                 accepted_nodes=nodes, tree=tree,
+                                                 target_logits=logits[b : b + 1, : tree.size + 1],
+                                                 target_hidden=own_hidden))
+                self._advance(row, new, tree.size)
+            except Exception as err:
+                failed[b] = _describe(err)
+        self._fail({id(self.rows[b]): message for b, message in failed.items()})
         self._drop([r for r in self.rows if r.finished], cancelled=False)
 
     def _fit_width(self, trees: list[DraftTree]) -> list[DraftTree | None]:
@@ -561,6 +630,15 @@ class BatchEngine:
             self.metrics.requests_finished += 1
         elif piece or new:
             row.handle._emit(SequenceUpdate(text=piece, token_ids=new[:taken]))
+
+    def _fail(self, errors: dict[int, str]) -> None:
+        """End the rows (by id) whose own work raised, each with its error; the others go on."""
+        rows = [r for r in self.rows if id(r) in errors]
+        for row in rows:
+            if not row.handle.done.is_set():
+                row.handle._emit(SequenceUpdate(finished=True, error=errors[id(row)]))
+                self.metrics.requests_failed += 1
+        self._drop(rows, cancelled=False)
 
     def _drop(self, rows: list[_Row], cancelled: bool) -> None:
         if not rows:

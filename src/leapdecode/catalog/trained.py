@@ -13,17 +13,29 @@ VERIFICATION = ("greedy: longest path of target argmaxes + target token; samplin
 CPU_PATHS = "chain:2"  # medusa/hydra default on a CPU (see below); a GPU gets the 16-node tree of _TREE
 
 
+def _network(build: MethodBuild, kind: str, folder):
+    """The drafter network in `folder` (None: the default one of this target and kind). A build that keeps
+    `shared` state (the batch engine's) loads it once; its requests' drafters then share it, read-only."""
+    from ..training.checkpoint import default_drafter, load_drafter
+
+    shared = getattr(build, "shared", None)
+    key = ("trained-drafter", kind, folder)
+    if shared is not None and key in shared:
+        return shared[key]
+    _, net = load_drafter(folder or default_drafter(build.target.model, kind), build.target.model, kind=kind)
+    if shared is not None:
+        shared[key] = net
+    return net
+
+
 def _make(kind: str, defaults: dict):
     def make(build: MethodBuild):
-        from ..training.checkpoint import default_drafter, load_drafter
-
         opts = _take(build.options, {"drafter": None, **defaults}, kind)
         if kind != "falcon" and "paths" not in build.options and build.target.model.device.type == "cpu":
             # On a CPU a pass over a 16-node tree costs ~2.5 one-token passes: a short chain pays better
             # (measured with a hydra on SmolLM2-135M, 2 cores: 16-node tree 0.74x of ar, chain of 2 1.01x).
             opts["paths"] = CPU_PATHS
-        folder = opts.pop("drafter") or default_drafter(build.target.model, kind)
-        _, net = load_drafter(folder, build.target.model, kind=kind)
+        net = _network(build, kind, opts.pop("drafter"))
         if kind == "medusa":
             from ..drafters.medusa import MedusaDrafter as cls
         elif kind == "hydra":

@@ -6,6 +6,8 @@ engine worker thread: step() loop ──► SequenceUpdate ──► loop.call_s
 handler: JSON response at the end, or SSE chunks as updates arrive ("data: {...}\n\n", then "data: [DONE]")
 a client gone (stream closed, or disconnect seen while waiting) ──► handle.cancel() ──► slot freed next step
 ```
+Every error is answered with an OpenAI-style body {"error": {"message", "type", "param", "code"}}: bad input,
+including a prompt the tokenizer or chat template refuses, with 400; anything unexpected with 500.
 Chat requests use the tokenizer's chat template when the model has one; without one, the messages' contents
 are joined as plain text, one message per line (roles are dropped).
 Prompts are tokenized on the event loop with a private copy of the tokenizer, so they never share Rust
@@ -17,6 +19,7 @@ import asyncio
 import copy
 import hmac
 import json
+import logging
 import socket
 import threading
 import time
@@ -34,6 +37,8 @@ from ..errors import LeapdecodeError, PromptTooLongError
 from ..sampling import SamplingParams
 from ..stats import GenerationResult
 from .schema import CHAT, COMPLETION, APIError, CompletionRequest, parse_request
+
+log = logging.getLogger("leapdecode.server")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,11 @@ class _Counters:
 
 def _error(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
+
+
+def _internal(err: Exception) -> APIError:
+    """An unexpected error as an OpenAI-style 500."""
+    return APIError(500, f"internal server error: {type(err).__name__}: {err}", type="server_error")
 
 
 def _finish_reason(result: GenerationResult) -> str:
@@ -94,6 +104,29 @@ class _Service:
 
     # ----- request -> engine -----
     def encode(self, req: CompletionRequest) -> list[int]:
+        """Prompt token ids; a prompt the tokenizer or the chat template refuses is a 400, not a 500."""
+        param = "messages" if req.kind == CHAT else "prompt"
+        if req.kind == COMPLETION and not isinstance(req.prompt, str):
+            vocab = self.engine.target.vocab_size
+            if any(not 0 <= t < vocab for t in req.prompt):
+                raise APIError(400, f"token ids must be in [0, {vocab})", "prompt")
+            ids = list(req.prompt)
+        else:
+            try:
+                ids = self._tokenize(req)
+            except Exception as err:  # e.g. a template that raises on a role order it does not accept
+                what = "the chat template" if req.kind == CHAT and self.has_chat_template else "the tokenizer"
+                raise APIError(400, f"{what} refused the prompt: {type(err).__name__}: {err}", param,
+                               "invalid_prompt") from None
+        if not ids:
+            raise APIError(400, "the prompt is empty after tokenization", param)
+        context = self.engine.target.context_length
+        if len(ids) >= context:
+            raise APIError(400, f"the prompt has {len(ids)} tokens but the model's context is {context} tokens",
+                           param, "context_length_exceeded")
+        return ids
+
+    def _tokenize(self, req: CompletionRequest) -> list[int]:
         tok = self.tokenizer
         if req.kind == CHAT:
             if self.has_chat_template:
@@ -101,21 +134,9 @@ class _Service:
                 ids = ids["input_ids"] if hasattr(ids, "keys") else ids
             else:
                 ids = tok("\n".join(m["content"] for m in req.messages), add_special_tokens=True)["input_ids"]
-        elif isinstance(req.prompt, str):
-            ids = tok(req.prompt, add_special_tokens=True)["input_ids"]
         else:
-            vocab = self.engine.target.vocab_size
-            if any(not 0 <= t < vocab for t in req.prompt):
-                raise APIError(400, f"token ids must be in [0, {vocab})", "prompt")
-            ids = list(req.prompt)
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise APIError(400, "the prompt is empty after tokenization", "messages" if req.kind == CHAT else "prompt")
-        context = self.engine.target.context_length
-        if len(ids) >= context:
-            raise APIError(400, f"the prompt has {len(ids)} tokens but the model's context is {context} tokens",
-                           "messages" if req.kind == CHAT else "prompt", "context_length_exceeded")
-        return ids
+            ids = tok(req.prompt, add_special_tokens=True)["input_ids"]
+        return [int(i) for i in ids]
 
     def settings(self, req: CompletionRequest) -> tuple[str, GenerationSettings]:
         if req.model is not None and req.model != self.config.model_name:
@@ -289,6 +310,10 @@ def create_app(engine: BatchEngine, config: ServerConfig) -> FastAPI:
     async def http_error(request: Request, err: StarletteHTTPException):
         return _error(APIError(err.status_code, str(err.detail), type="invalid_request_error"))
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, err: Exception):
+        return _error(_internal(err))
+
     async def generation(request: Request, kind: str, endpoint: str) -> Response:
         try:
             declared = request.headers.get("content-length", "")
@@ -302,6 +327,10 @@ def create_app(engine: BatchEngine, config: ServerConfig) -> FastAPI:
         except APIError as err:
             service.counters.count(endpoint, err.status)
             return _error(err)
+        except Exception as err:  # a bug: answer it like any other error, and log it with its traceback
+            log.exception("unexpected error on %s", request.url.path)
+            service.counters.count(endpoint, 500)
+            return _error(_internal(err))
         service.counters.count(endpoint, response.status_code)
         return response
 

@@ -6,6 +6,8 @@ prompts for every method. Throughput is completion tokens over all requests / wa
 latency is per request (send to last byte), TTFT the time to the first content. A warm-up request per method
 runs first and is not timed. With no `--url`, `leapdecode serve` is started as a subprocess on a free port.
 Only the client's stdlib is used, so the command needs nothing beyond the runtime dependencies.
+An HTTP error from the server (e.g. a method it did not load) ends the run with `ServerReplyError`: one line with
+the server's own message.
 """
 from __future__ import annotations
 
@@ -16,11 +18,44 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from ..errors import LeapdecodeError
+
+
+class ServerReplyError(LeapdecodeError):
+    """The server answered a request with an HTTP error (its message is in the error's text), or could not be
+    reached."""
+
+
+def _reply_error(err: urllib.error.HTTPError, what: str) -> ServerReplyError:
+    """The server's OpenAI-style error message (or its raw body) as one line."""
+    try:
+        raw = err.read().decode("utf-8", "replace")
+    except OSError:
+        raw = ""
+    try:
+        message = json.loads(raw)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = " ".join(raw.split())[:200] or err.reason
+    return ServerReplyError(f"the server answered {what} with HTTP {err.code}: {message}")
+
+
+@contextmanager
+def _reply(request: urllib.request.Request, what: str, timeout: float):
+    """urlopen, with an HTTP error from the server (or no server) turned into `ServerReplyError`."""
+    try:
+        reply = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        raise _reply_error(err, what) from None
+    except urllib.error.URLError as err:
+        raise ServerReplyError(f"cannot reach the server at {request.full_url} ({what}): {err.reason}") from None
+    with reply:
+        yield reply
 
 
 @dataclass
@@ -66,7 +101,7 @@ def _stream_chat(url: str, api_key: str | None, model: str, prompt: str, method:
     started = time.perf_counter()
     ttft, text, usage, stats = None, [], {}, {}
     request = urllib.request.Request(url + "/v1/chat/completions", data=body, headers=headers)
-    with urllib.request.urlopen(request, timeout=600) as reply:
+    with _reply(request, f"a {method!r} chat request", timeout=600) as reply:
         for raw in reply:
             line = raw.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -88,7 +123,8 @@ def _stream_chat(url: str, api_key: str | None, model: str, prompt: str, method:
 
 def _get_json(url: str, api_key: str | None) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as reply:
+    with _reply(urllib.request.Request(url, headers=headers), f"GET {urllib.parse.urlsplit(url).path}",
+                timeout=10) as reply:
         return json.loads(reply.read())
 
 
@@ -115,7 +151,7 @@ def _start_server(args, methods: list[str], max_batch: int) -> tuple[subprocess.
         try:
             _get_json(url + "/health", None)
             return proc, url
-        except (urllib.error.URLError, ConnectionError, OSError):
+        except (ServerReplyError, ConnectionError, OSError):
             time.sleep(0.5)
     proc.terminate()
     raise LeapdecodeError("the server did not come up in 15 minutes")

@@ -7,15 +7,47 @@ import os
 from ..errors import LeapdecodeError
 
 
-def _methods(text: str, draft: bool) -> list[str]:
-    """`--method pld` or `--method pld,draft`: the first is the default; ar is always served too."""
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    if not names:
+def _scoped(pair: str) -> bool:
+    """Whether an --option names its method (`hydra@drafter=DIR`) rather than being `key=value` (the default's);
+    an "@" inside a value (`drafter=/data/a@b`) does not count."""
+    return "@" in pair and "=" not in pair.split("@", 1)[0]
+
+
+def serve_methods(text: str, pairs: list[str] | None, draft: bool) -> dict[str, dict]:
+    """The methods to serve with their options, the default first, from `--method` and `--option`.
+
+    `--method` is a comma list (first = default; ar is always added, and draft with a draft model); an entry
+    may carry options like a `leapdecode bench` method spec (`pld@num_draft_tokens=6`). `--option key=value`
+    sets an option of the default method, `--option hydra@drafter=DIR` one of the method named (values with
+    commas, like medusa paths, go through `--option`)."""
+    from ..bench.runner import split_variant
+    from ..cli import parse_options
+
+    methods: dict[str, dict] = {}
+    for entry in (m.strip() for m in text.split(",")):
+        if not entry:
+            continue
+        name, options = split_variant(entry)
+        name = name.strip()
+        if not name:
+            raise LeapdecodeError(f"--method entry {entry!r} has no method name before '@'")
+        methods.setdefault(name, {}).update(options)
+    if not methods:
         raise LeapdecodeError("--method needs at least one method name")
+    default = next(iter(methods))
     for extra in ["ar"] + (["draft"] if draft else []):
-        if extra not in names:
-            names.append(extra)
-    return names
+        methods.setdefault(extra, {})
+    for pair in pairs or []:
+        if _scoped(pair):
+            name, options = split_variant(pair)
+            name = name.strip()
+            if name not in methods:
+                raise LeapdecodeError(f"--option {pair}: method {name!r} is not served (served: "
+                                      f"{', '.join(methods)}); add it to --method")
+        else:
+            name, options = default, parse_options([pair])
+        methods[name].update(options)
+    return methods
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -24,15 +56,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .. import load
     from ..loading import resolve_device
     from ..batch_engine import BatchEngine
-    from ..cli import parse_options
     from .app import ServerConfig, create_app
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    methods = _methods(args.method, bool(args.draft_model))
-    options = parse_options(args.option)
+    methods = serve_methods(args.method, args.option, bool(args.draft_model))
+    default = next(iter(methods))
     if args.max_batch_size < 1:
         raise LeapdecodeError("--max-batch-size must be >= 1")
     if args.step_draft_budget < 1:
@@ -42,13 +73,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     target = load(args.model, device=device)
     draft = load(args.draft_model, device=device) if args.draft_model else None
-    engine = BatchEngine(target, {m: (options if m == methods[0] else {}) for m in methods}, draft=draft,
+    engine = BatchEngine(target, methods, draft=draft,
                          max_batch_size=args.max_batch_size, step_draft_budget=args.step_draft_budget,
                          adaptive_width=not args.fixed_draft_width)
-    config = ServerConfig(model_name=args.served_model_name or args.model, default_method=methods[0],
+    config = ServerConfig(model_name=args.served_model_name or args.model, default_method=default,
                           max_tokens_limit=args.max_tokens_limit, api_key=args.api_key or None)
     app = create_app(engine, config)
-    print(f"leapdecode: serving {config.model_name} (methods {', '.join(methods)}; default {methods[0]}) "
+    print(f"leapdecode: serving {config.model_name} (methods {', '.join(methods)}; default {default}) "
           f"on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -67,8 +98,11 @@ def add_parser(subparsers) -> None:
     add_model_arguments(s)
     s.add_argument("--method", default="pld",
                    help="default decoding method, or a comma list of methods to load (first = default; ar is "
-                        "always loaded, and draft when --draft-model is given). Requests pick one with \"method\"")
-    s.add_argument("--option", action="append", metavar="KEY=VALUE", help="option of the default method")
+                        "always loaded, and draft when --draft-model is given), each optionally with options "
+                        "like pld@num_draft_tokens=6. Requests pick one with \"method\"")
+    s.add_argument("--option", action="append", metavar="[METHOD@]KEY=VALUE",
+                   help="option of the default method (key=value) or of the method named (hydra@drafter=DIR); "
+                        "repeatable")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (default 8)")

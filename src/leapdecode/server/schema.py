@@ -6,9 +6,11 @@ body with HTTP 400 and names the offending field in `param`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 CHAT, COMPLETION = "chat", "completion"
+SEED_LIMIT = 2**63  # seeds are in [0, SEED_LIMIT): what a torch generator takes as a signed 64-bit integer
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
@@ -42,13 +44,25 @@ class CompletionRequest:
     method: str | None  # leapdecode extra: the decoding method (None: the server's default)
 
 
+def _show(value) -> str:
+    """A value for an error message, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _number(body: dict, name: str, default: float) -> float:
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise APIError(400, f"'{name}' must be a number, got {type(value).__name__}", name)
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    if not math.isfinite(number):  # json.loads accepts NaN and Infinity
+        raise APIError(400, f"'{name}' must be a finite number, got {_show(value)}", name)
+    return number
 
 
 def _int(body: dict, name: str) -> int | None:
@@ -155,10 +169,13 @@ def parse_request(raw: bytes, kind: str) -> CompletionRequest:
     if options is not None and not isinstance(options, dict):
         raise APIError(400, "'stream_options' must be an object", "stream_options")
     include_usage = _bool(options or {}, "include_usage")
+    seed = _int(body, "seed")
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise APIError(400, f"'seed' must be in [0, 2**63), got {_show(seed)}", "seed")
     return CompletionRequest(
         kind=kind, model=model,
         messages=_messages(body) if kind == CHAT else None,
         prompt=_prompt(body) if kind == COMPLETION else None,
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=_stop(body), seed=_int(body, "seed"),
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=_stop(body), seed=seed,
         stream=_bool(body, "stream"), include_usage=include_usage, method=method,
     )
