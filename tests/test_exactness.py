@@ -71,7 +71,7 @@ def test_stop_token_ends_generation_identically(arch):
     ref_free = Decoder(target, "ar").generate(random_prompts(4)[1], max_new_tokens=30).token_ids
     stop = ref_free[12]
     target = tiny_loaded(arch, scale=6.0, stop_token_ids=[stop])
-    methods = [("ar", {}), ("pld", {}), ("draft", {"draft": target})]
+    methods = [("ar", {}), ("pld", {}), ("draft", {"draft": target}), ("self-spec", {"draft_layers": 1})]
     methods += [(m, {}) for m in ("pld-tree", "aded", "stand", "lookahead")]
     methods += [(m, {"draft": target}) for m in ("draft-tree", "spectr")]
     for method, kw in methods:

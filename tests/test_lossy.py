@@ -1,7 +1,8 @@
 """Lossy layer-skipping methods (ffn-skip, skipdecode, first, early-exit): they run on three
 architectures, execute exactly the blocks their rules say (counted with hooks on the real modules),
-leave the model unchanged, refuse invalid settings; FiRST routers train and round-trip; the bench's
-quality columns and method@option variants."""
+leave the model unchanged, refuse invalid settings (routers that name bad layers or could skip every
+layer included); FiRST routers train and round-trip; the bench's quality columns (quality.json,
+report.md, summary.json and the printed table) and method@option variants."""
 from __future__ import annotations
 
 import json
@@ -92,6 +93,11 @@ def test_ffn_skip_threshold_mode_and_early_exit_never_confident_equals_ar():
     ("first", {}, "needs routers"),
     ("first", {"routers": SKIP_1_AND_3, "threshold": 1.0}, "threshold must be in"),
     ("first", {"routers": Routers.init(4, 64)}, "routers are for"),
+    ("first", {"routers": Routers((1, 5), torch.zeros(2, 64), torch.zeros(2), L)}, r"name layers \[5\]"),
+    ("first", {"routers": Routers((-1, 2), torch.zeros(2, 64), torch.zeros(2), L)}, r"name layers \[-1\]"),
+    ("first", {"routers": Routers((2, 2), torch.zeros(2, 64), torch.zeros(2), L)}, "a layer twice"),
+    ("first", {"routers": Routers((1, 2), torch.zeros(3, 64), torch.zeros(2), L)}, "weight"),
+    ("first", {"routers": Routers.init(L, 64, layers=range(L))}, "at least one layer"),
     ("ffn-skip", {"nope": 1}, "no option"),
 ])
 def test_lossy_methods_refuse_invalid_settings(method, options, match):
@@ -127,6 +133,16 @@ def test_router_training_round_trip_and_model_unchanged(tmp_path):
         Decoder(target, "first", routers=str(tmp_path / "bad.pt"))
 
 
+def test_router_file_that_could_skip_every_layer_is_refused(tmp_path):
+    target = tiny_loaded("llama", layers=L)
+    path = Routers(tuple(range(L)), torch.zeros(L, 64), torch.full((L,), -5.0), L).save(tmp_path / "all.pt")
+    with pytest.raises(InvalidSettingError, match=f"can skip all {L} layers"):
+        Decoder(target, "first", routers=str(path))
+    torch.save({"kind": "leapdecode-first-routers", "layers": [1]}, tmp_path / "part.pt")
+    with pytest.raises(InvalidSettingError, match="incomplete or malformed"):
+        Decoder(target, "first", routers=str(tmp_path / "part.pt"))
+
+
 def test_quality_metrics():
     assert lcs_length("abcde", "ace") == 3
     assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
@@ -151,9 +167,23 @@ def test_bench_quality_columns_and_method_variants(tmp_path):
     out = tmp_path / "out"
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == set(methods)
-    assert set(summary["methods"]["ar"]) == {"tokens_per_s", "speedup", "mean_accepted", "identical_to_ar",
-                                              "compared", "peak_rss_mb", "by_category"}
+    quality_keys = {"token_agreement", "rouge_l", "task_score"}
+    for name, m in summary["methods"].items():  # a run with a lossy method: quality keys for every method
+        assert set(m) == {"tokens_per_s", "speedup", "mean_accepted", "identical_to_ar", "compared",
+                          "peak_rss_mb", "by_category"} | quality_keys
+    for lossless in ("ar", "self-spec@draft_layers=2"):
+        assert all(summary["methods"][lossless][k] is None for k in quality_keys)
+    lossy = summary["methods"]["ffn-skip@fraction=0.4@warmup_tokens=1"]
+    assert 0.0 <= lossy["token_agreement"] <= 1.0 and 0.0 <= lossy["rouge_l"] <= 1.0
+    assert lossy["task_score"] in (0.0, 1.0)  # one question has a reference
     quality = json.loads((out / "quality.json").read_text())["methods"]
+    assert lossy["rouge_l"] == quality["ffn-skip@fraction=0.4@warmup_tokens=1"]["rouge_l"]
+    table = result.table.splitlines()
+    assert table[0].split()[-5:] == ["token", "agreement", "ROUGE-L", "task", "score"]
+    assert len({len(line) for line in table}) == 1  # aligned
+    rows = {line.split()[0]: line.split() for line in table[2:]}
+    assert rows["ar"][-3:] == ["-", "-", "-"]
+    assert rows["ffn-skip@fraction=0.4@warmup_tokens=1"][-3] == f"{lossy['token_agreement']:.3f}"
     assert quality["ar"]["rouge_l"] == 1.0 and quality["ar"]["token_agreement"] == 1.0
     assert quality["self-spec@draft_layers=2"]["token_agreement"] == 1.0  # lossless
     assert quality["ar"]["task_questions"] == 1

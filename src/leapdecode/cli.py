@@ -6,7 +6,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 
-from .errors import LeapdecodeError
+from .errors import InvalidSettingError, LeapdecodeError
 
 
 def _option_value(text: str):
@@ -35,6 +35,62 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset, .gguf file, folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--draft-model", default=None, help="draft model for the `draft` method (same tokenizer)")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU when present, else cpu), cpu, cuda, cuda:N")
+
+
+@dataclass(frozen=True)
+class FileFlag:
+    """A flag that sets one method option to a file or folder, for the methods that take that option."""
+
+    flag: str
+    option: str  # the method option it sets (also the argparse dest)
+    methods: tuple[str, ...]  # methods that take the option
+    folder: bool  # the value must be a folder (else a file)
+    help: str
+    overridden_by: tuple[str, ...] = ()  # other options of those methods that choose the same thing
+
+
+FILE_FLAGS = (
+    FileFlag("--skip-config", "skip_config", ("self-spec",), False,
+             "self-spec: skip set JSON made by `leapdecode calibrate-skip`",
+             ("skip_layers", "skip_attention", "skip_ffn", "draft_layers")),
+    FileFlag("--drafter", "drafter", ("medusa", "hydra", "falcon"), True,
+             "medusa/hydra/falcon: trained drafter folder made by `leapdecode train-drafter`"),
+)
+
+
+def add_file_flag_arguments(p: argparse.ArgumentParser) -> None:
+    for f in FILE_FLAGS:
+        p.add_argument(f.flag, dest=f.option, default=None, metavar="DIR" if f.folder else "PATH", help=f.help)
+
+
+def given_file_flags(args: argparse.Namespace) -> list[tuple[FileFlag, str]]:
+    """The file flags set on the command line with their values; a missing file or folder is an error."""
+    from pathlib import Path
+
+    given = []
+    for f in FILE_FLAGS:
+        value = getattr(args, f.option, None)
+        if value in (None, ""):
+            continue
+        path = Path(value).expanduser()
+        if not (path.is_dir() if f.folder else path.is_file()):
+            raise InvalidSettingError(f"{f.flag} {value}: no such {'folder' if f.folder else 'file'}")
+        given.append((f, str(path)))
+    return given
+
+
+def file_flag_options(args: argparse.Namespace, method: str, options: dict) -> dict:
+    """The options the file flags add for `method` (generate); refuse a method that does not take one, and
+    a flag that repeats or contradicts an --option."""
+    out = {}
+    for f, value in given_file_flags(args):
+        if method not in f.methods:
+            raise InvalidSettingError(f"{f.flag} is for {', '.join(f.methods)}; method {method!r} does not take it")
+        clash = [o for o in (f.option, *f.overridden_by) if o in options]
+        if clash:
+            raise InvalidSettingError(f"give {f.flag} or --option {clash[0]}=..., not both")
+        out[f.option] = value
+    return out
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,6 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise LeapdecodeError("the prompt is empty")
     spec = get_method(args.method)
     options = parse_options(args.option)
+    options.update(file_flag_options(args, args.method, options))
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, stop=args.stop)
     from .engine import _settings
@@ -198,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(g)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. num_draft_tokens=8")
+    add_file_flag_arguments(g)
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--compare", action="store_true", help="also run ar and print a side-by-side table")
     g.add_argument("--with-hf", action="store_true", help="with --compare: add transformers generate() peers")

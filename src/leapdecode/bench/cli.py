@@ -19,8 +19,11 @@ from leapdecode.bench.runner import (
     needs_draft,
     prepare_out_dir,
     run_benchmark,
+    runner_factory_with,
+    split_variant,
     valid_method_names,
 )
+from leapdecode.cli import FILE_FLAGS
 from leapdecode.errors import InvalidSettingError
 
 DEFAULT_METHODS = "ar,pld,hf-ar,hf-pld"
@@ -28,7 +31,7 @@ DEFAULT_METHODS = "ar,pld,hf-ar,hf-pld"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``bench`` subcommand to the ``leapdecode`` parser."""
-    from leapdecode.cli import add_model_arguments
+    from leapdecode.cli import add_file_flag_arguments, add_model_arguments
 
     p = subparsers.add_parser(
         "bench",
@@ -41,6 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"comma-separated engine methods and peers, each optionally with options as "
                    f"method@key=value@key=value (e.g. ffn-skip@fraction=0.3) (default {DEFAULT_METHODS}; "
                    f"valid: {', '.join(valid_method_names())})")
+    add_file_flag_arguments(p)  # --skip-config, --drafter: for every method in --methods that takes them
     p.add_argument("--questions", default="suite",
                    help="Spec-Bench-style JSONL file, or 'suite' (benchmarks/suite.jsonl, the default) or "
                    "'spec-bench' ($LEAPDECODE_SPEC_BENCH or ../shared/spec_bench/question.jsonl)")
@@ -67,7 +71,11 @@ def command_line(args: argparse.Namespace, methods: list[str]) -> str:
     parts = ["leapdecode", "bench", "--model", args.model]
     if args.draft_model:
         parts += ["--draft-model", args.draft_model]
-    parts += ["--methods", ",".join(methods), "--questions", args.questions]
+    parts += ["--methods", ",".join(methods)]
+    for flag in FILE_FLAGS:
+        if getattr(args, flag.option, None):
+            parts += [flag.flag, getattr(args, flag.option)]
+    parts += ["--questions", args.questions]
     if args.categories:
         parts += ["--categories", args.categories]
     if args.per_category is not None:
@@ -87,6 +95,25 @@ def command_line(args: argparse.Namespace, methods: list[str]) -> str:
     return shlex.join(parts)
 
 
+def method_file_options(args: argparse.Namespace, methods: list[str]) -> dict[str, dict]:
+    """Per method name, the options ``--skip-config`` / ``--drafter`` add: every method that takes the
+    option gets it unless its own @options already set it (or, for self-spec, chose another skip set).
+    A flag that no method in the list takes is an error."""
+    from leapdecode.cli import given_file_flags
+
+    out: dict[str, dict] = {}
+    for flag, value in given_file_flags(args):
+        takers = [m for m in methods if split_variant(m)[0] in flag.methods]
+        if not takers:
+            raise InvalidSettingError(f"{flag.flag} is for {', '.join(flag.methods)}; no method in --methods "
+                                      f"({','.join(methods)}) takes it")
+        for method in takers:
+            own = split_variant(method)[1]
+            if not any(o in own for o in (flag.option, *flag.overridden_by)):
+                out.setdefault(method, {})[flag.option] = value
+    return out
+
+
 def _load_model(spec: str, device: str = "cpu"):
     """Load a model (a seam for tests, which substitute tiny models)."""
     from leapdecode import load
@@ -99,6 +126,7 @@ def run_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                              temperature=args.temperature, seed=args.seed)
     methods = check_methods(args.methods, has_draft=bool(args.draft_model), settings=settings)
+    method_options = method_file_options(args, methods)
     path = resolve_questions_path(args.questions)
     questions = load_questions(path, categories=args.categories, per_category=args.per_category)
     if args.threads is not None and args.threads < 1:
@@ -128,8 +156,10 @@ def run_bench(args: argparse.Namespace) -> int:
     result = run_benchmark(
         target, draft, questions, methods, settings, out,
         command_line=command_line(args, methods),
-        extra_settings={"questions": str(path), "categories": args.categories, "per_category": args.per_category},
+        extra_settings={"questions": str(path), "categories": args.categories, "per_category": args.per_category,
+                        **{f.option: getattr(args, f.option) for f in FILE_FLAGS if getattr(args, f.option, None)}},
         progress=not args.no_progress,
+        runner_factory=runner_factory_with(method_options),
     )
     if result.summary is None:
         return 130 if result.interrupted else 1

@@ -1,12 +1,14 @@
-"""Quality columns for lossy methods: agreement with `ar`'s output and, where a question has a
-`reference`, a task score. Written to `quality.json`, a section of `report.md` and
-`speed_vs_quality.png` (one point per method and setting); `summary.json` is left as it is.
+"""Quality columns for lossy methods: agreement with the reference method's output (`ar` unless it was
+not run) and, where a question has a `reference`, a task score. Written to `quality.json`, a section of
+`report.md` and `speed_vs_quality.png` (one point per method and setting); when the run has a lossy
+method, `summary.json` and the printed table also carry token_agreement, rouge_l and task_score
+(null / "-" for the lossless methods, whose output is the reference's by promise).
 
-- token_agreement: share of positions where the method's token equals ar's token at the same position,
-  over the longer of the two outputs (all turns concatenated).
-- prefix_agreement: tokens before the first difference, over ar's length.
+- token_agreement: share of positions where the method's token equals the reference method's token at
+  the same position, over the longer of the two outputs (all turns concatenated).
+- prefix_agreement: tokens before the first difference, over the reference method's length.
 - rouge_l: ROUGE-L F1 (longest common subsequence of lower-cased words) of the method's answer against
-  ar's answer (Lin 2004; computed here, no package).
+  the reference method's answer (Lin 2004; computed here, no package).
 - task_score: for questions with a `reference`, 1 when the normalised reference (any accepted answer
   for list references) occurs in the normalised answer of that turn (the last turn for a single
   string), else 0; mean over such questions; None when no question has one.
@@ -117,10 +119,31 @@ def quality_table(records: Sequence[AnswerRecord], references: Mapping[int, Any]
     return out
 
 
+SUMMARY_QUALITY_KEYS = ("token_agreement", "rouge_l", "task_score")
+"""The quality columns copied into summary.json's method entries when the run has a lossy method."""
+
+
+def add_quality_to_summary(summary: dict[str, Any], quality: Mapping[str, Mapping[str, Any]],
+                           lossy: Sequence[str]) -> dict[str, Any]:
+    """Copy SUMMARY_QUALITY_KEYS into each method of `summary` (None for methods not in `lossy`).
+
+    Nothing is added when `lossy` is empty: a lossless-only run keeps summary.json's usual keys.
+    """
+    if not lossy:
+        return summary
+    for name, entry in summary["methods"].items():
+        q = quality.get(name, {}) if name in lossy else {}
+        for key in SUMMARY_QUALITY_KEYS:
+            entry[key] = q.get(key)
+    return summary
+
+
 def plot_speed_vs_quality(summary: Mapping[str, Any], quality: Mapping[str, Mapping[str, Any]],
                           path: str | os.PathLike[str]) -> Path:
-    """Speedup over ar (y) against ROUGE-L vs ar (x): one point per method and setting."""
+    """Speedup over the reference (y) against ROUGE-L vs the reference (x): one point per method and setting."""
     from leapdecode.bench.plots import _colors, _figure
+
+    reference = summary.get("settings", {}).get("reference_method", "ar")
 
     methods = [m for m in summary["methods"] if quality.get(m, {}).get("rouge_l") is not None]
     colors = _colors(methods)
@@ -133,8 +156,8 @@ def plot_speed_vs_quality(summary: Mapping[str, Any], quality: Mapping[str, Mapp
         ax.scatter([x], [y], color=colors[m], s=40, zorder=3)
         ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xlabel("ROUGE-L against ar's output (1 = same text)")
-    ax.set_ylabel("speedup over ar (tokens/s ratio)")
+    ax.set_xlabel(f"ROUGE-L against {reference}'s output (1 = same text)")
+    ax.set_ylabel(f"speedup over {reference} (tokens/s ratio)")
     ax.set_title("speed versus quality")
     ax.grid(True, alpha=0.3)
     path = Path(path)
@@ -147,17 +170,21 @@ def _fmt(x) -> str:
 
 
 def write_quality(out_dir, summary: Mapping[str, Any], records: Sequence[AnswerRecord], questions,
-                  lossless: Sequence[str] = (), plots: bool = True) -> list[Path]:
-    """quality.json, the speed-vs-quality PNG, and a quality section appended to report.md."""
+                  lossless: Sequence[str] = (), plots: bool = True,
+                  quality: Mapping[str, Mapping[str, Any]] | None = None) -> list[Path]:
+    """quality.json, the speed-vs-quality PNG, and a quality section appended to report.md
+    (`quality`: an already computed `quality_table`, else it is computed here)."""
     out = Path(out_dir)
     reference = summary.get("settings", {}).get("reference_method", "ar")
-    quality = quality_table(records, {q.question_id: q.reference for q in questions}, reference)
+    if quality is None:
+        quality = quality_table(records, {q.question_id: q.reference for q in questions}, reference)
     files = [out / "quality.json"]
     files[0].write_text(json.dumps({"reference_method": reference, "methods": quality,
                                     "definitions": __doc__.split("\n\n", 1)[1].strip()}, indent=2) + "\n")
-    lines = ["", "## Quality against ar", "",
-             "Token agreement, prefix agreement and ROUGE-L compare each method's answers with ar's; the task "
-             "score checks answers against the questions' references (see quality.json for definitions).", "",
+    lines = ["", f"## Quality against {reference}", "",
+             f"Token agreement, prefix agreement and ROUGE-L compare each method's answers with {reference}'s; "
+             "the task score checks answers against the questions' references (see quality.json for "
+             "definitions).", "",
              "| method | promise | speedup | token agreement | prefix agreement | ROUGE-L | task score |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for m, q in quality.items():

@@ -18,9 +18,21 @@ PLOT_FILES = {
 _MAX_LISTED_IDS = 12
 
 
+QUALITY_COLUMNS = (("token_agreement", "token agreement"), ("rouge_l", "ROUGE-L"), ("task_score", "task score"))
+"""summary.json quality keys (present when the run has a lossy method) and their table headings."""
+
+
 def format_table(summary: Mapping[str, Any], category: str | None = None) -> str:
-    """Plain-text table with aligned columns: overall, or for one category."""
+    """Plain-text table with aligned columns: overall, or for one category.
+
+    When the summary carries quality keys (a run with a lossy method), the overall table adds token
+    agreement, ROUGE-L and task score against the reference method ("-" for lossless methods and where
+    no question has a reference).
+    """
+    quality = category is None and any("token_agreement" in m for m in summary["methods"].values())
     header = ["method", "tokens/s", "speedup", "mean accepted", "identical", "peak RSS MB"]
+    if quality:
+        header += [title for _, title in QUALITY_COLUMNS]
     rows = [header]
     for name, m in summary["methods"].items():
         if category is None:
@@ -31,7 +43,7 @@ def format_table(summary: Mapping[str, Any], category: str | None = None) -> str
                 _num(m["mean_accepted"], 2),
                 f"{m['identical_to_ar']}/{m['compared']}",
                 _num(m["peak_rss_mb"], 0),
-            ])
+            ] + ([_quality(m.get(key)) for key, _ in QUALITY_COLUMNS] if quality else []))
         elif category in m["by_category"]:
             c = m["by_category"][category]
             rows.append([
@@ -206,6 +218,10 @@ def _ids(qids: Sequence[int]) -> str:
 
 def _num(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _quality(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _speedup(value: float | None) -> str:

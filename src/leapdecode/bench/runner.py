@@ -183,14 +183,15 @@ class MethodRunner(Protocol):
 
 
 class EngineRunner:
-    """A leapdecode method through ``Decoder.generate``."""
+    """A leapdecode method through ``Decoder.generate``; ``options`` are defaults under the name's @options."""
 
-    def __init__(self, name: str, target, draft, settings: BenchSettings):
+    def __init__(self, name: str, target, draft, settings: BenchSettings, options: Mapping[str, Any] | None = None):
         from leapdecode.engine import Decoder
 
         self.name = name
         self.settings = settings
-        base, options = split_variant(name)
+        base, variant = split_variant(name)
+        options = {**(options or {}), **variant}
         self.decoder = Decoder(target, base, draft=draft if needs_draft(name) else None, **options)
 
     def run(self, prompt_ids: list[int], max_new_tokens: int) -> TurnOutput:
@@ -261,14 +262,24 @@ def _peer_accept_lengths(positions: Sequence[int | None], prompt_len: int, new_t
     return lengths
 
 
-def make_runner(name: str, target, draft, settings: BenchSettings) -> MethodRunner:
-    """The runner for an engine method or a transformers peer."""
+def make_runner(name: str, target, draft, settings: BenchSettings,
+                options: Mapping[str, Any] | None = None) -> MethodRunner:
+    """The runner for an engine method (``options``: extra method options) or a transformers peer."""
     if name in PEER_METHODS:
         return PeerRunner(name, target, draft)
-    return EngineRunner(name, target, draft, settings)
+    return EngineRunner(name, target, draft, settings, options)
 
 
 RunnerFactory = Callable[[str, Any, Any, BenchSettings], MethodRunner]
+
+
+def runner_factory_with(method_options: Mapping[str, Mapping[str, Any]]) -> RunnerFactory:
+    """``make_runner`` with extra options per method name (e.g. from ``--skip-config``); a name's own
+    @options win over them."""
+    def factory(name: str, target, draft, settings: BenchSettings) -> MethodRunner:
+        return make_runner(name, target, draft, settings, method_options.get(name))
+
+    return factory
 
 
 # ----- prompts -------------------------------------------------------------------------------------
@@ -516,6 +527,11 @@ def run_benchmark(
         records, model=target.name, draft_model=getattr(draft, "name", None) if draft is not None else None,
         machine=machine_description(), settings=run_settings, peak_rss_mb=peak,
     )
+    from leapdecode.bench.quality import add_quality_to_summary, quality_table, write_quality
+
+    quality = quality_table(records, {q.question_id: q.reference for q in questions},
+                            summary["settings"]["reference_method"])
+    add_quality_to_summary(summary, quality, [n for n in names if not is_lossless(n)])
     files = [write_answers(out / "answers.jsonl", records), write_summary(out / "summary.json", summary)]
     if plots:
         from leapdecode.bench import write_plots
@@ -523,9 +539,8 @@ def run_benchmark(
         files += write_plots(out, summary, records)
     lossless = [n for n in names if is_lossless(n)] if settings.greedy else None
     files.append(write_report(out, summary, records, command_line, lossless=lossless))
-    from leapdecode.bench.quality import write_quality
-
-    files += write_quality(out, summary, records, questions, [n for n in names if is_lossless(n)], plots=plots)
+    files += write_quality(out, summary, records, questions, [n for n in names if is_lossless(n)], plots=plots,
+                           quality=quality)
     return BenchResult(records, summary, flagged, interrupted, files, call_order)
 
 

@@ -23,15 +23,33 @@ from .base import DraftContext
 from .draft_model import DraftModelDrafter
 
 
-def load_skip_config(path) -> SkipSet:
-    """A skip set saved by `leapdecode calibrate-skip` (JSON with skip_attention / skip_ffn lists)."""
+def load_skip_config(path, total: int | None = None) -> SkipSet:
+    """A skip set saved by `leapdecode calibrate-skip` (JSON with skip_attention / skip_ffn lists).
+
+    With `total` (the model's layer count) the config is checked against the model: its `num_layers`,
+    when present, must equal `total` and every layer index must be in [0, total).
+    """
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise InvalidSettingError(f"cannot read skip config {path}: {err}") from None
     if not isinstance(data, dict) or not {"skip_attention", "skip_ffn"} & set(data):
         raise InvalidSettingError(f"{path} is not a skip config (needs skip_attention / skip_ffn lists)")
-    return SkipSet.of(attention=data.get("skip_attention", []), ffn=data.get("skip_ffn", []))
+    try:
+        skip = SkipSet.of(attention=data.get("skip_attention") or [], ffn=data.get("skip_ffn") or [])
+    except InvalidSettingError as err:
+        raise InvalidSettingError(f"skip config {path}: {err}") from None
+    if total is None:
+        return skip
+    made_for = data.get("num_layers")
+    if made_for is not None and made_for != total:
+        model = f" ({data['model']})" if data.get("model") else ""
+        raise InvalidSettingError(f"skip config {path} was made for a {made_for}-layer model{model}; this model "
+                                  f"has {total} layers (run `leapdecode calibrate-skip` for it)")
+    bad = sorted(i for i in skip.attention | skip.ffn if not 0 <= i < total)
+    if bad:
+        raise InvalidSettingError(f"skip config {path} names layers {bad}; the model has layers 0..{total - 1}")
+    return skip
 
 
 def default_skip_set(total: int) -> SkipSet:
@@ -48,7 +66,7 @@ def resolve_skip_set(model, skip_config=None, skip_layers=None, skip_attention=N
     if len(given) + explicit > 1:
         raise InvalidSettingError("give one of skip_config, draft_layers, or skip_layers/skip_attention/skip_ffn")
     if skip_config not in (None, ""):
-        skip = load_skip_config(skip_config)
+        skip = load_skip_config(skip_config, total)
     elif draft_layers not in (None, ""):
         if isinstance(draft_layers, bool) or not isinstance(draft_layers, int) or not 1 <= draft_layers < total:
             raise InvalidSettingError(f"draft_layers must be an integer in [1, {total - 1}], got {draft_layers!r}")

@@ -83,17 +83,28 @@ class Candidate:
 
 
 def candidates(model, ranking, fractions=(0.1, 0.2, 0.3, 0.4)) -> list[Candidate]:
+    """Skip sets to time: the most redundant blocks (and attention blocks only) at each fraction of all
+    blocks, and S2D first-k-layer drafts. Empty sets and repeats (few layers round to the same set) are
+    dropped; raises InvalidSettingError when none is left."""
     total = num_layers(model)
-    out = []
+    proposed = []
     for f in fractions:
         top = ranking[: round(f * 2 * total)]
         skip = SkipSet.of(attention=[i for k, i, _ in top if k == "attn"], ffn=[i for k, i, _ in top if k == "ffn"])
-        out.append(Candidate(f"similarity-top-{int(f * 100)}%", skip))
+        proposed.append(Candidate(f"similarity-top-{int(f * 100)}%", skip))
         attn = SkipSet.of(attention=[i for k, i, _ in ranking if k == "attn"][: round(f * 2 * total)])
-        out.append(Candidate(f"attention-top-{int(f * 100)}%", attn))
+        proposed.append(Candidate(f"attention-top-{int(f * 100)}%", attn))
     for keep in sorted({(2 * total) // 3, (5 * total) // 6}):
         if 1 <= keep < total:
-            out.append(Candidate(f"s2d-first-{keep}-layers", SkipSet.first_layers(keep, total)))
+            proposed.append(Candidate(f"s2d-first-{keep}-layers", SkipSet.first_layers(keep, total)))
+    out, seen = [], set()
+    for c in proposed:
+        if c.skip.size and c.skip not in seen:
+            seen.add(c.skip)
+            out.append(c)
+    if not out:
+        raise InvalidSettingError(f"no skip set to calibrate for a {total}-layer model: layer 0 always runs, so "
+                                  "self-spec needs a model with at least 2 layers")
     return out
 
 
@@ -153,7 +164,7 @@ def cmd_calibrate(args) -> int:
     out = Path(args.out or f"skip-{Path(str(args.model)).name}.json")
     out.write_text(json.dumps(config, indent=2) + "\n")
     print(f"chose {config['chosen']} ({config['measured_speedup']:.2f}x measured) in "
-          f"{time.perf_counter() - started:.0f} s; wrote {out}\nuse: --method self-spec --option skip_config={out}")
+          f"{time.perf_counter() - started:.0f} s; wrote {out}\nuse: --method self-spec --skip-config {out}")
     return 0
 
 
@@ -189,7 +200,7 @@ def add_parser(subparsers) -> None:
     c = subparsers.add_parser("calibrate-skip", help="find the self-spec skip set with the best measured speedup",
                               description="Rank attention/FFN blocks by how little they turn the hidden state, "
                               "time self-spec with several skip sets (and S2D first-k-layer drafts) against ar on "
-                              "a few calibration prompts, and save the fastest as JSON for --option skip_config=.")
+                              "a few calibration prompts, and save the fastest as JSON for --skip-config PATH.")
     add_model_arguments(c)
     c.add_argument("--out", default=None, help="JSON path (default skip-MODEL.json)")
     c.add_argument("--prompts", type=int, default=4, help=f"calibration prompts, 1-{len(CALIBRATION_PROMPTS)} (default 4)")

@@ -67,14 +67,35 @@ class Routers:
             raise InvalidSettingError(f"cannot read routers from {path}: {err}") from None
         if not isinstance(data, dict) or data.get("kind") != "leapdecode-first-routers":
             raise InvalidSettingError(f"{path} is not a FiRST router file (make one with `leapdecode train-router`)")
-        return cls(tuple(data["layers"]), data["weight"], data["bias"], int(data["num_layers"]), data["model_name"])
+        try:
+            return cls(tuple(data["layers"]), data["weight"], data["bias"], int(data["num_layers"]),
+                       data.get("model_name", ""))
+        except (KeyError, TypeError, ValueError) as err:
+            raise InvalidSettingError(f"router file {path} is incomplete or malformed: {err!r}") from None
 
     def check(self, model) -> "Routers":
+        """Refuse routers for another model shape, out-of-range or repeated layers, mis-shaped weights, or a
+        set that covers every layer (at least one layer must always run)."""
         total = num_layers(model)
         hidden = model.get_input_embeddings().weight.shape[1]
         if self.num_layers != total or self.weight.shape[1] != hidden:
             raise InvalidSettingError(f"the routers are for {self.num_layers} layers of width {self.weight.shape[1]}; "
                                       f"the model has {total} layers of width {hidden}")
+        layers = list(self.layers)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+            raise InvalidSettingError(f"router layers must be integers, got {layers}")
+        bad = sorted(i for i in layers if not 0 <= i < total)
+        if bad:
+            raise InvalidSettingError(f"the routers name layers {bad}; the model has layers 0..{total - 1}")
+        if len(set(layers)) != len(layers):
+            raise InvalidSettingError(f"the routers name a layer twice: {layers}")
+        if tuple(self.weight.shape) != (len(layers), hidden) or tuple(self.bias.shape) != (len(layers),):
+            raise InvalidSettingError(f"the routers have weight {tuple(self.weight.shape)} and bias "
+                                      f"{tuple(self.bias.shape)}; {len(layers)} layers of width {hidden} need "
+                                      f"({len(layers)}, {hidden}) and ({len(layers)},)")
+        if len(layers) >= total:
+            raise InvalidSettingError(f"the routers can skip all {total} layers; leave at least one layer without a "
+                                      "router so that it always runs")
         return self
 
 
