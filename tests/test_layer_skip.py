@@ -88,11 +88,12 @@ def test_static_gate_runs_exactly_the_kept_blocks(arch):
 def test_model_restored_after_an_exception():
     target = tiny_loaded("qwen2", layers=LAYERS)
     before = logits_of(target.model)
+    hooks = [(m, list(m._forward_pre_hooks), list(m._forward_hooks)) for m in target.model.modules()]
     with pytest.raises(RuntimeError):
         with gated(target.model, StaticGate(LAYERS, SkipSet.of(layers=[2]))):
             raise RuntimeError("boom")
     assert torch.equal(logits_of(target.model), before)
-    assert not any(m._forward_pre_hooks or m._forward_hooks for m in target.model.modules())
+    assert [(m, list(m._forward_pre_hooks), list(m._forward_hooks)) for m in target.model.modules()] == hooks
 
 
 @pytest.mark.parametrize("options,match", [
