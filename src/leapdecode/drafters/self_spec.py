@@ -7,9 +7,11 @@ decoding (a nested sub-model: the first k layers plus the LM head drafts for the
 The draft shares the target's weights but keeps its own KV cache: a separate `CausalLM` over the same
 module, run only inside `skipping.gated(model, StaticGate(skip))`, which is entered around the draft
 forward passes and exited before the engine's target pass. A separate cache is the simple, exact
-choice: the draft's entries for the kept layers differ from the target's anyway (their inputs went
-through fewer blocks), and the full model verifies every drafted token with the engine's ordinary
-verifiers, so greedy output equals `ar` and sampled output follows the target's distribution.
+choice: the draft's entries for the kept layers above the first skipped block differ from the target's
+(their inputs went through fewer blocks); those below it are equal and could be shared (a possible
+saving of the draft's catch-up passes, not taken). The full model verifies every drafted token with the
+engine's ordinary verifiers, so greedy output equals `ar` and sampled output follows the target's
+distribution.
 """
 from __future__ import annotations
 
