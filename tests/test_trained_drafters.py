@@ -225,6 +225,36 @@ def test_cli_registers_training_commands():
     assert args.func.__name__ == "cmd_distill_draft"
 
 
+def test_train_drafter_command_end_to_end(tmp_path, monkeypatch, capsys):
+    """`leapdecode train-drafter` on a tiny model folder: saves a drafter that `generate --drafter` uses and
+    that becomes the model's default; a second run (another kind) reuses the cached self-distillation data."""
+    from leapdecode.cli import main
+
+    monkeypatch.setenv("LEAPDECODE_CACHE", str(tmp_path / "cache"))
+    target = tiny_loaded("llama", scale=3.0)
+    model_dir = tmp_path / "model"
+    target.model.save_pretrained(model_dir)
+    target.tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    common = ["--model", str(model_dir), "--self-distill", "4", "--max-new-tokens", "12", "--epochs", "2",
+              "--batch-size", "8", "--out", str(out), "--no-progress", "--gen-batch-size", "2"]
+    assert main(["train-drafter", "--kind", "hydra", "--prefix-window", "4", *common]) == 0
+    config = json.loads((out / "drafter.json").read_text())
+    assert config["kind"] == "hydra" and config["settings"]["prefix_window"] == 4
+    assert config["training"]["answers"] == 4
+    shards = {f: f.stat().st_mtime_ns for f in out.glob("data-*/shard-*.safetensors")}
+    assert len(shards) == 2
+    assert main(["generate", "w1 w2 w3", "--model", str(model_dir), "--method", "hydra", "--drafter", str(out),
+                 "--max-new-tokens", "8"]) == 0
+    assert main(["generate", "w1 w2 w3", "--model", str(model_dir), "--method", "hydra",  # the default drafter
+                 "--max-new-tokens", "8"]) == 0
+    assert main(["train-drafter", "--kind", "medusa", *common]) == 0
+    assert {f: f.stat().st_mtime_ns for f in out.glob("data-*/shard-*.safetensors")} == shards
+    assert "checkpoint of another run" in capsys.readouterr().err
+    assert json.loads((out / "drafter.json").read_text())["kind"] == "medusa"
+    assert main(["train-drafter", "--kind", "medusa", "--prefix-window", "4", *common]) == 2  # hydra only
+
+
 def test_tvdpp_distillation_lowers_total_variation(tmp_path):
     import copy
     import dataclasses

@@ -10,6 +10,7 @@ Losses (the target's LM head and embeddings stay frozen and are shared, never co
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,8 +123,9 @@ def train(net, target, data: FeatureData, settings: TrainSettings, out: str | Pa
             gen.set_state(state["gen"])
             order = state["order"]  # the interrupted epoch goes on in its own order
             step, first_loss, resumed = state["step"], state["first_loss"], state["step"]
-        elif settings.progress:
-            print(f"{ckpt}: a checkpoint of another run (other drafter, settings or data); starting afresh")
+        else:
+            print(f"{ckpt}: a checkpoint of another run (other drafter, settings or data); starting afresh",
+                  file=sys.stderr)
     started = time.time()
     deadline = started + settings.max_minutes * 60 if settings.max_minutes else None
     recent_loss: list[float] = []
