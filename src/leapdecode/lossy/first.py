@@ -199,7 +199,9 @@ def train_routers(model, texts: list[list[int]], *, steps: int = 40, lr: float =
             out = model(input_ids=torch.tensor([ids], device=model.device), output_hidden_states=True, use_cache=False)
             feats = torch.stack([features(out.hidden_states[i])[0] for i in routers.layers])  # (R, H)
             data.append((ids, feats, out.logits.float().log_softmax(-1)))
-    opt = torch.optim.Adam([weight, bias], lr=lr)
+    # the features are RMS-normalised, so a step of lr on every weight moves the logit by ~lr * H: the weights
+    # learn at lr / H (a logit step comparable to the bias's), else the gates saturate in the first steps
+    opt = torch.optim.Adam([{"params": [weight], "lr": lr / hidden}, {"params": [bias], "lr": lr}])
     losses = []
     keep_mean = 1.0
     try:
