@@ -61,6 +61,17 @@ def test_greedy_equals_ar(arch, method):
     assert dec.drafter.branching > 0  # trees with branches were verified
 
 
+def test_pld_with_branches_is_multi_candidate_pld(arch):
+    """`pld` with num_branches > 1 merges several matches into a tree, like the `pld-tree` preset."""
+    target = tiny_loaded(arch, scale=6.0)
+    ar = Decoder(target, "ar")
+    dec = Decoder(target, "pld", num_branches=3, num_draft_tokens=3)
+    dec.drafter = BranchCounter(dec.drafter)
+    for prompt in random_prompts(7):
+        assert dec.generate(prompt, max_new_tokens=24).token_ids == ar.generate(prompt, max_new_tokens=24).token_ids
+    assert dec.drafter.branching > 0
+
+
 def test_weak_draft_model_still_exact(arch):
     target = tiny_loaded(arch, scale=6.0)
     draft = tiny_loaded(arch, seed=1, scale=6.0, layers=1)

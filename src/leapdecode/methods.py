@@ -85,7 +85,9 @@ def _ar(build: MethodBuild) -> Drafter:
 def _pld(build: MethodBuild) -> Drafter:
     from .drafters.prompt_lookup import PromptLookupDrafter
 
-    opts = _take(build.options, {"max_ngram": 3, "min_ngram": 1, "num_draft_tokens": 4, "adaptive": True}, "pld")
+    # num_branches > 1: several matches merged into one tree (multi-candidate pld; `pld-tree` is that preset)
+    opts = _take(build.options, {"max_ngram": 3, "min_ngram": 1, "num_draft_tokens": 4, "adaptive": True,
+                                 "num_branches": 1, "max_nodes": 32}, "pld")
     try:
         return PromptLookupDrafter(**opts)
     except ValueError as err:
