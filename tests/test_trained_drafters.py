@@ -189,6 +189,63 @@ def test_sampling_follows_target_distribution(kind, tmp_path):
     assert chi_square_pvalue(counts, dist, runs) > 1e-3
 
 
+def test_draft_vocab_logits_and_frequent_tokens():
+    from leapdecode.drafters.draft_vocab import DraftVocab, frequent_tokens
+
+    assert frequent_tokens(torch.tensor([5, 3, 5, 9, 3, 5, 1]), 2).tolist() == [3, 5]
+    assert frequent_tokens(torch.tensor([5, 3]), 10).tolist() == [3, 5]
+    head = torch.nn.Linear(16, 50, bias=True)
+    vocab = DraftVocab(head, torch.tensor([3, 7, 11]))
+    vocab.begin([7, 20, 20])
+    states = torch.randn(4, 16)
+    got = vocab.logits(states)
+    want = head(states)
+    keep = torch.tensor([3, 7, 11, 20])
+    torch.testing.assert_close(got[:, keep], want[:, keep].detach())
+    assert torch.isinf(got).sum() == 4 * (50 - 4)
+    with pytest.raises(ValueError):
+        DraftVocab(head, torch.tensor([50]))
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "falcon"])
+def test_draft_vocab_keeps_output_exact(kind, arch, tmp_path):
+    """With a draft vocabulary the drafter proposes only its ids and the prompt's; output is still exactly
+    the target's, greedy (three architectures) and sampled."""
+    from leapdecode.training.checkpoint import save_draft_vocab
+
+    target = tiny_loaded(arch, scale=3.0)
+    folder = fresh_drafter(kind, target, tmp_path / kind)
+    save_draft_vocab(folder, torch.arange(10, 40))
+    ar = Decoder(target, "ar")
+    dec = Decoder(target, kind, drafter=str(folder), **OPTIONS[kind])
+    proposed: set[int] = set()
+    inner = dec.drafter.propose
+
+    def propose(ctx):
+        tree = inner(ctx)
+        if tree is not None:
+            proposed.update(tree.tokens[0].tolist())
+        return tree
+
+    dec.drafter.propose = propose
+    for prompt in ([1, 2, 3], [5, 9, 5, 9, 5, 9, 2], [7] * 11):
+        assert dec.generate(prompt, max_new_tokens=30).token_ids == ar.generate(prompt, max_new_tokens=30).token_ids
+    assert proposed and proposed <= set(range(10, 40)) | {1, 2, 3, 5, 7, 9}
+    no_vocab = Decoder(target, kind, drafter=str(folder), draft_vocab=False, **OPTIONS[kind])
+    assert no_vocab.drafter.vocab is None
+    if arch == "llama":  # sampling: the exact distribution of the first three tokens
+        small = tiny_loaded("llama", vocab_size=8, seed=0, scale=3.0)
+        folder = fresh_drafter(kind, small, tmp_path / f"{kind}-small")
+        save_draft_vocab(folder, torch.tensor([0, 4, 6]))
+        dec = Decoder(small, kind, drafter=str(folder), **OPTIONS[kind])
+        prompt, runs = [1, 2, 3, 1, 2], 1000
+        counts: Counter = Counter()
+        for seed in range(runs):
+            counts[tuple(dec.generate(prompt, max_new_tokens=4, temperature=1.0, seed=seed).token_ids[:3])] += 1
+        dist = exact_distribution(small, prompt, SamplingParams(temperature=1.0))
+        assert chi_square_pvalue(counts, dist, runs) > 1e-3
+
+
 def test_drafter_for_another_model_is_refused(tmp_path):
     target = tiny_loaded("llama", seed=0)
     folder = fresh_drafter("hydra", target, tmp_path / "h")
@@ -242,6 +299,7 @@ def test_train_drafter_command_end_to_end(tmp_path, monkeypatch, capsys):
     config = json.loads((out / "drafter.json").read_text())
     assert config["kind"] == "hydra" and config["settings"]["prefix_window"] == 4
     assert config["training"]["answers"] == 4
+    assert 0 < config["training"]["draft_vocab"] <= 48 and (out / "draft_vocab.safetensors").is_file()
     shards = {f: f.stat().st_mtime_ns for f in out.glob("data-*/shard-*.safetensors")}
     assert len(shards) == 2
     assert main(["generate", "w1 w2 w3", "--model", str(model_dir), "--method", "hydra", "--drafter", str(out),

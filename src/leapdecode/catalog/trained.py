@@ -14,28 +14,34 @@ CPU_PATHS = "chain:2"  # medusa/hydra default on a CPU (see below); a GPU gets t
 
 
 def _network(build: MethodBuild, kind: str, folder):
-    """The drafter network in `folder` (None: the default one of this target and kind). A build that keeps
-    `shared` state (the batch engine's) loads it once; its requests' drafters then share it, read-only."""
-    from ..training.checkpoint import default_drafter, load_drafter
+    """(network, draft vocabulary or None) of the drafter in `folder` (None: the default one of this target and
+    kind). A build that keeps `shared` state (the batch engine's) loads it once; its requests' drafters then
+    share it, read-only."""
+    from ..training.checkpoint import default_drafter, load_draft_vocab, load_drafter
 
     shared = getattr(build, "shared", None)
     key = ("trained-drafter", kind, folder)
     if shared is not None and key in shared:
         return shared[key]
-    _, net = load_drafter(folder or default_drafter(build.target.model, kind), build.target.model, kind=kind)
+    folder = folder or default_drafter(build.target.model, kind)
+    _, net = load_drafter(folder, build.target.model, kind=kind)
+    loaded = (net, load_draft_vocab(folder))
     if shared is not None:
-        shared[key] = net
-    return net
+        shared[key] = loaded
+    return loaded
 
 
 def _make(kind: str, defaults: dict):
     def make(build: MethodBuild):
-        opts = _take(build.options, {"drafter": None, **defaults}, kind)
+        # draft_vocab: draft from the saved draft vocabulary (+ the prompt's tokens) when the drafter has one
+        opts = _take(build.options, {"drafter": None, "draft_vocab": True, **defaults}, kind)
         if kind != "falcon" and "paths" not in build.options and build.target.model.device.type == "cpu":
             # On a CPU a pass over a 16-node tree costs ~2.5 one-token passes: a short chain pays better
             # (measured with a hydra on SmolLM2-135M, 2 cores: 16-node tree 0.74x of ar, chain of 2 1.01x).
             opts["paths"] = CPU_PATHS
-        net = _network(build, kind, opts.pop("drafter"))
+        net, vocab = _network(build, kind, opts.pop("drafter"))
+        if opts.pop("draft_vocab") and vocab is not None:
+            opts["vocab"] = vocab
         if kind == "medusa":
             from ..drafters.medusa import MedusaDrafter as cls
         elif kind == "hydra":

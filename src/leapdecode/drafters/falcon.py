@@ -25,6 +25,7 @@ from ..sampling import SamplingParams, probs_from_logits
 from ..tree import DraftTree
 from ..verifiers.tree_sampling import without_replacement
 from .base import DraftContext, DraftFeedback
+from .draft_vocab import DraftVocab
 from ..sampling import gumbel_top_k
 from .medusa import ResBlock
 
@@ -133,18 +134,22 @@ def falcon_loss_fn(net: FalconDrafterNet, target, data, objective: str = "ce", l
 class FalconDrafter:
     needs_target_hidden = True
 
-    def __init__(self, target, net: FalconDrafterNet, max_nodes: int = 16, max_depth: int = 6, top_k: int = 3):
+    def __init__(self, target, net: FalconDrafterNet, max_nodes: int = 16, max_depth: int = 6, top_k: int = 3,
+                 vocab: torch.Tensor | None = None):
         if max_nodes < 1 or max_depth < 1 or top_k < 1:
             raise ValueError("max_nodes, max_depth and top_k must be >= 1")
         self.net, self.max_nodes, self.max_depth, self.top_k = net, max_nodes, max_depth, top_k
         model = target.model
         self.lm_head, self.embed = model.get_output_embeddings(), model.get_input_embeddings()
+        self.vocab = DraftVocab(self.lm_head, vocab) if vocab is not None else None  # see draft_vocab.py
         self.features: list[torch.Tensor] = []  # f_j for the last `window` committed positions
         self.next_tokens: list[int] = []  # x_{j+1}, the token committed after each f_j
         self.forward_passes = 0
 
     def begin(self, prompt: list[int], params: SamplingParams) -> None:
         self.features, self.next_tokens, self.forward_passes = [], [], 0
+        if self.vocab is not None:
+            self.vocab.begin(prompt)
 
     def update(self, feedback: DraftFeedback) -> None:
         if feedback.target_hidden is None:
@@ -183,7 +188,7 @@ class FalconDrafter:
                 last = torch.tensor([n[3][-1] for n in expand], device=hist_e.device)
                 states = self.net.glance_state(torch.stack([n[4] for n in expand]), self.embed(last).float())
             self.forward_passes += 1
-            logits = self.lm_head(states).float()
+            logits = (self.vocab.logits(states) if self.vocab is not None else self.lm_head(states)).float()
             new_frontier = []
             for rank, node in enumerate(expand):
                 m = min(self.top_k - rank, budget - len(tokens))

@@ -94,8 +94,8 @@ class HydraHeads(nn.Module):
 
 
 class HydraDrafter(FeatureDrafter):
-    def __init__(self, target, net: HydraHeads, paths=DEFAULT_PATHS, max_nodes: int = 64):
-        super().__init__(target, net, paths, max_nodes)
+    def __init__(self, target, net: HydraHeads, paths=DEFAULT_PATHS, max_nodes: int = 64, vocab=None):
+        super().__init__(target, net, paths, max_nodes, vocab)
         self.recent: torch.Tensor | None = None  # (W, H) features of the last committed positions (prefix layer)
 
     def begin(self, prompt: list[int], params) -> None:

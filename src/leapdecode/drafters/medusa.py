@@ -22,6 +22,7 @@ from ..sampling import SamplingParams, gumbel_top_k, probs_from_logits
 from ..tree import DraftTree
 from ..verifiers.tree_sampling import without_replacement
 from .base import DraftContext, DraftFeedback
+from .draft_vocab import DraftVocab
 
 # 16 nodes, depth 4: wide near the root where heads are most accurate.
 DEFAULT_PATHS = ("0;1;2;3;0,0;0,1;0,2;1,0;1,1;2,0;0,0,0;0,0,1;0,1,0;1,0,0;0,0,0,0;0,0,0,1")
@@ -136,7 +137,7 @@ class FeatureDrafter:
 
     needs_target_hidden = True
 
-    def __init__(self, target, net: nn.Module, paths, max_nodes: int = 64):
+    def __init__(self, target, net: nn.Module, paths, max_nodes: int = 64, vocab: torch.Tensor | None = None):
         if max_nodes < 1:
             raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
         self.net = net
@@ -145,12 +146,16 @@ class FeatureDrafter:
         model = target.model
         self.lm_head = model.get_output_embeddings()
         self.embed = model.get_input_embeddings()
+        # the LM head over a draft vocabulary (see draft_vocab.py), or None for the full head
+        self.vocab = DraftVocab(self.lm_head, vocab) if vocab is not None else None
         self.feature: torch.Tensor | None = None  # (H,) hidden state of the last verified position
         self.forward_passes = 0
 
     def begin(self, prompt: list[int], params: SamplingParams) -> None:
         self.feature = None
         self.forward_passes = 0
+        if self.vocab is not None:
+            self.vocab.begin(prompt)
 
     def update(self, feedback: DraftFeedback) -> None:
         if feedback.target_hidden is None:
@@ -171,6 +176,8 @@ class FeatureDrafter:
         return grow_tree(paths, lambda d, pre: self.child_logits(d, pre, ctx), ctx.params, ctx.generator)
 
     def logits(self, state: torch.Tensor) -> torch.Tensor:
+        if self.vocab is not None:
+            return self.vocab.logits(state)
         return self.lm_head(state.to(self.lm_head.weight.dtype))
 
     def child_logits(self, depth: int, prefixes: list[list[int]], ctx: DraftContext) -> torch.Tensor:
@@ -178,8 +185,8 @@ class FeatureDrafter:
 
 
 class MedusaDrafter(FeatureDrafter):
-    def __init__(self, target, net: MedusaHeads, paths=DEFAULT_PATHS, max_nodes: int = 64):
-        super().__init__(target, net, paths, max_nodes)
+    def __init__(self, target, net: MedusaHeads, paths=DEFAULT_PATHS, max_nodes: int = 64, vocab=None):
+        super().__init__(target, net, paths, max_nodes, vocab)
         self._cache: dict[int, torch.Tensor] = {}
 
     def budget_paths(self, ctx: DraftContext) -> list[tuple[int, ...]]:

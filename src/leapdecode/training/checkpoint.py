@@ -21,6 +21,7 @@ from ..errors import InvalidSettingError
 
 WEIGHTS = "drafter.safetensors"
 CONFIG = "drafter.json"
+DRAFT_VOCAB = "draft_vocab.safetensors"  # optional: the ids the drafter drafts from (drafters/draft_vocab.py)
 FORMAT_VERSION = 1
 
 
@@ -123,6 +124,23 @@ def load_drafter(folder: str | Path, target_model: torch.nn.Module, kind: str | 
     module.load_state_dict(load_file(str(Path(folder) / WEIGHTS)))
     device = next(target_model.parameters()).device
     return config, module.to(device).eval()
+
+
+def save_draft_vocab(folder: str | Path, ids: torch.Tensor) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(folder) / DRAFT_VOCAB
+    save_file({"ids": ids.long().cpu().contiguous()}, str(path) + ".tmp")
+    Path(str(path) + ".tmp").replace(path)
+    return path
+
+
+def load_draft_vocab(folder: str | Path) -> torch.Tensor | None:
+    """The drafter's draft vocabulary, or None when it was saved without one (the full LM head is used)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / DRAFT_VOCAB
+    return load_file(str(path))["ids"] if path.is_file() else None
 
 
 # ----- the default drafter of a target -------------------------------------------------------------------

@@ -44,6 +44,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--prefix-window", type=int, default=0, metavar="W",
                    help="hydra: Hydra++'s extra decoder layer over the features of the last W positions "
                    "(0 = off)")
+    p.add_argument("--draft-vocab", type=int, default=8192, metavar="K",
+                   help="save the K most frequent tokens of the training answers as the draft vocabulary "
+                   "(drafting reads only their LM-head rows, plus the prompt's; 0 = the full vocabulary)")
     p.add_argument("--objective", choices=("ce", "distill"), default="distill",
                    help="distill = Hydra++ teacher distillation on the target's distribution (default)")
     p.add_argument("--checkpoint-every", type=int, default=100)
@@ -76,7 +79,9 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     from .. import load
     from ..loading import resolve_device
     from ..errors import InvalidSettingError
-    from .checkpoint import DrafterConfig, make_module, remember_default, save_drafter, target_fingerprint, target_facts
+    from ..drafters.draft_vocab import frequent_tokens
+    from .checkpoint import (DRAFT_VOCAB, DrafterConfig, make_module, remember_default, save_draft_vocab,
+                             save_drafter, target_facts, target_fingerprint)
     from .data import build_data
     from .trainer import TrainSettings, train
 
@@ -84,8 +89,9 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         raise InvalidSettingError("--max-minutes must be > 0 and --data-share in (0, 1)")
     if args.prefix_window and (args.kind != "hydra" or args.prefix_window < 0):
         raise InvalidSettingError("--prefix-window needs --kind hydra and a window >= 1")
-    if args.num_heads < 1 or args.layers < 1 or args.epochs <= 0 or args.batch_size < 1:
-        raise InvalidSettingError("--num-heads, --layers and --batch-size must be >= 1 and --epochs > 0")
+    if args.num_heads < 1 or args.layers < 1 or args.epochs <= 0 or args.batch_size < 1 or args.draft_vocab < 0:
+        raise InvalidSettingError("--num-heads, --layers and --batch-size must be >= 1, --epochs > 0 and "
+                                  "--draft-vocab >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
@@ -122,6 +128,11 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
                        "head_accuracy": report.head_accuracy, "answers": data.samples,
                        "tokens": int(len(data.tokens)), "objective": args.objective, "lr": lr,
                        "minutes": round((time.time() - started) / 60, 2), "stopped": report.stopped}
+    (out / DRAFT_VOCAB).unlink(missing_ok=True)  # a draft vocabulary of an earlier run in this folder
+    if args.draft_vocab:
+        ids = frequent_tokens(data.tokens, args.draft_vocab)
+        save_draft_vocab(out, ids)
+        config.training["draft_vocab"] = len(ids)
     save_drafter(out, net.cpu(), config)
     pointer = remember_default(target.model, args.kind, out)
     print(json.dumps(config.training))
