@@ -337,6 +337,45 @@ def test_tvdpp_distillation_lowers_total_variation(tmp_path):
     assert total_variation(logits_p, logits_p, torch.ones(1, 2, dtype=torch.bool)) == 0.0
 
 
+@pytest.mark.parametrize("stop_after", [4, 5])  # at an epoch's end (2 batches an epoch) and inside one
+def test_interrupted_distillation_resumes_exactly(tmp_path, monkeypatch, stop_after):
+    import copy
+    import dataclasses
+
+    from leapdecode.training import distill as distill_module
+
+    target = tiny_loaded("llama", scale=3.0)
+    base = tiny_loaded("llama", seed=2, layers=1)
+    data = tiny_data(target, tmp_path, n=4)
+    prompts = [[1, 2, 3 + i] for i in range(4)]
+    responses = [data.tokens[data.starts[i]: data.starts[i + 1]].tolist() for i in range(data.samples)]
+    loss = distill_module.tvdpp_loss
+
+    def run(out, interrupt_after=None):
+        draft = dataclasses.replace(base, model=copy.deepcopy(base.model))
+        calls = []
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            if interrupt_after is not None and len(calls) > interrupt_after:
+                raise KeyboardInterrupt
+            return loss(*args, **kwargs)
+
+        monkeypatch.setattr(distill_module, "tvdpp_loss", counted)
+        report = distill_module.distill(target, draft, prompts, responses, out, epochs=4, lr=3e-3, batch_size=2,
+                                        checkpoint_every=stop_after, progress=False)
+        return draft.model, report
+
+    whole, report = run(tmp_path / "whole")
+    assert report.steps == 8
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "split", interrupt_after=stop_after + 1)
+    resumed, again = run(tmp_path / "split")
+    assert again.steps == 8
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_hydra_prefix_layer_sees_what_training_saw(tmp_path):
     """Hydra++'s extra layer: the feature the drafter computes after each verification step equals the one
     training computes for the same position from the stored features (same window, same alignment)."""

@@ -568,7 +568,7 @@ class BatchEngine:
                 else:
                     row.acceptance.update(tree.size, len(nodes))
                 # each row's own rows of the features, like `Decoder` hands them: (1, N+1, H)
-                own_hidden = hidden[b : b + 1, : tree.size + 1].clone() if wants_hidden[b] else None
+                own_hidden = hidden[b : b + 1, : tree.size + 1] if wants_hidden[b] else None
                 row.drafter.update(DraftFeedback(proposed=tree.size, accepted=len(nodes), committed=new,
                                                  accepted_nodes=nodes, tree=tree,
                                                  target_logits=logits[b : b + 1, : tree.size + 1],

@@ -131,9 +131,10 @@ def _print_table(rows: list[CompareRow]) -> None:
 
 def _promised_lossless(method: str) -> bool:
     """Whether `generate --compare` must fail when `method` differs from ar (peers are not ours to check)."""
-    from .methods import LOSSLESS, get_method
+    from .bench.runner import is_lossless
+    from .peers import PEER_METHODS
 
-    return not method.startswith("hf-") and get_method(method).promise == LOSSLESS
+    return method not in PEER_METHODS and is_lossless(method)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

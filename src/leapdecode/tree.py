@@ -76,15 +76,18 @@ class DraftTree:
 
     def cut_after_stop(self, stop_ids) -> "DraftTree":
         """A chain of one sequence cut right after its first end token (what follows can never be
-        committed); any other tree is returned as it is, and so is a subclass (a `MultiDraftTree` whose k
-        drafts coincide is a chain in shape but keeps its own verification rule)."""
-        if not stop_ids or type(self) is not DraftTree or self.tokens.shape[0] != 1 or not self.layout.is_chain:
+        committed); any other tree is returned as it is."""
+        if not stop_ids or self.tokens.shape[0] != 1 or not self.layout.is_chain:
             return self
         hit = next((i for i, t in enumerate(self.tokens[0].tolist()) if t in stop_ids), None)
         if hit is None or hit + 1 == self.size:
             return self
         probs = None if self.draft_probs is None else self.draft_probs[:, : hit + 1]
         return DraftTree.chain(self.tokens[:, : hit + 1], probs)
+
+    def ends_at_leaf(self, nodes: list[int]) -> bool:
+        """Whether an accepted path (node indices, root first) ends at a node without children."""
+        return bool(nodes) and not self.layout.children[nodes[-1] + 1]
 
     @classmethod
     def chain(cls, tokens: torch.Tensor, draft_probs: torch.Tensor | None = None) -> "DraftTree":

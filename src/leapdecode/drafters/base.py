@@ -76,14 +76,8 @@ class AdaptiveLength:
     def update(self, feedback: DraftFeedback) -> None:
         if not self.enabled or feedback.proposed == 0:
             return
-        if feedback.accepted == feedback.proposed or _reached_leaf(feedback):
+        if feedback.accepted == feedback.proposed or (
+                feedback.tree is not None and feedback.tree.ends_at_leaf(feedback.accepted_nodes)):
             self.value = min(self.high, self.value + 2)
         else:
             self.value = max(self.low, self.value - 1)
-
-
-def _reached_leaf(feedback: DraftFeedback) -> bool:
-    """Whether the accepted path ends at a node without children (the whole branch was right)."""
-    if feedback.tree is None or not feedback.accepted_nodes:
-        return False
-    return not feedback.tree.layout.children[feedback.accepted_nodes[-1] + 1]

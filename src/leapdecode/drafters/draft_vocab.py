@@ -23,6 +23,7 @@ class DraftVocab:
             raise ValueError(f"draft vocabulary ids must be in [0, {self.size})")
         self.ids: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
 
     def begin(self, prompt: list[int]) -> None:
         """The request's set: the base ids and the prompt's tokens; gathers their LM-head rows once."""
@@ -31,14 +32,15 @@ class DraftVocab:
         weight = self.lm_head.weight
         self.ids = ids.to(weight.device)
         self.weight = weight.detach()[self.ids].contiguous()
+        bias = getattr(self.lm_head, "bias", None)
+        self.bias = None if bias is None else bias.detach()[self.ids]
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             raise RuntimeError("DraftVocab.begin must be called first")
         sub = states.to(self.weight.dtype) @ self.weight.T  # (P, |ids|)
-        bias = getattr(self.lm_head, "bias", None)
-        if bias is not None:
-            sub = sub + bias.detach()[self.ids]
+        if self.bias is not None:
+            sub = sub + self.bias
         full = sub.new_full((states.shape[0], self.size), float("-inf"))
         full[:, self.ids] = sub
         return full

@@ -106,8 +106,9 @@ class HydraDrafter(FeatureDrafter):
         """Keep h_t; with the extra layer, also the features of every position committed this step (the root
         and the accepted nodes, i.e. rows 0 and 1 + node) and the enhanced feature of the newest one."""
         super().update(feedback)
+        if self.feature is None:
+            self.recent = None
         if self.net.prefix is None or self.feature is None:
-            self.recent = None if self.feature is None else self.recent
             return
         rows = [0] + [1 + n for n in feedback.accepted_nodes]
         new = feedback.target_hidden[0, rows].detach().float()

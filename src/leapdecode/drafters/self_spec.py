@@ -48,10 +48,10 @@ def load_skip_config(path, total: int | None = None) -> SkipSet:
         model = f" ({data['model']})" if data.get("model") else ""
         raise InvalidSettingError(f"skip config {path} was made for a {made_for}-layer model{model}; this model "
                                   f"has {total} layers (run `leapdecode calibrate-skip` for it)")
-    bad = sorted(i for i in skip.attention | skip.ffn if not 0 <= i < total)
-    if bad:
-        raise InvalidSettingError(f"skip config {path} names layers {bad}; the model has layers 0..{total - 1}")
-    return skip
+    try:
+        return skip.check(total)
+    except InvalidSettingError as err:
+        raise InvalidSettingError(f"skip config {path}: {err}") from None
 
 
 def default_skip_set(total: int) -> SkipSet:

@@ -72,7 +72,7 @@ class TreeBudget:
     def update(self, tree: DraftTree | None, accepted_nodes: list[int]) -> None:
         if not self.enabled or tree is None or tree.size == 0:
             return
-        if accepted_nodes and not tree.layout.children[accepted_nodes[-1] + 1]:
+        if tree.ends_at_leaf(accepted_nodes):
             self.value = min(self.high, self.value + 2)
         elif not accepted_nodes:
             self.value = max(self.low, self.value - 1)

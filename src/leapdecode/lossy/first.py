@@ -78,6 +78,9 @@ class Routers:
         set that covers every layer (at least one layer must always run)."""
         total = num_layers(model)
         hidden = model.get_input_embeddings().weight.shape[1]
+        if self.weight.dim() != 2 or self.bias.dim() != 1:
+            raise InvalidSettingError(f"the routers have weight {tuple(self.weight.shape)} and bias "
+                                      f"{tuple(self.bias.shape)}: expected a matrix and a vector")
         if self.num_layers != total or self.weight.shape[1] != hidden:
             raise InvalidSettingError(f"the routers are for {self.num_layers} layers of width {self.weight.shape[1]}; "
                                       f"the model has {total} layers of width {hidden}")

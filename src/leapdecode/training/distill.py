@@ -99,7 +99,9 @@ def distill(target, draft, prompts: list[list[int]], responses: list[list[int]],
     epoch_gen = gen.get_state()  # the generator at the start of the current epoch (its order is drawn from it)
 
     def save_checkpoint() -> None:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch_gen": epoch_gen, "step": step,
+        # at an epoch's end the next epoch starts from the generator as it is now
+        start = gen.get_state() if step % per_epoch == 0 else epoch_gen
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch_gen": start, "step": step,
                     "first_tvd": first_tvd, "total": total, "prompts": len(prompts)}, str(ckpt) + ".tmp")
         Path(str(ckpt) + ".tmp").replace(ckpt)
 

@@ -34,6 +34,10 @@ class MultiDraftTree(DraftTree):
 
     drafts: tuple[tuple[int, ...], ...] = ()  # (k, ragged) node indices of each draft, root to leaf
 
+    def cut_after_stop(self, stop_ids) -> "MultiDraftTree":
+        """Never cut: k coinciding drafts are a chain in shape but keep the k-sequential rule."""
+        return self
+
 
 def kseq_gamma(p: torch.Tensor, q: torch.Tensor, m: int, iterations: int = 20) -> float:
     """The smallest gamma in [1, m] with (1 - (1 - beta)^m) / beta <= gamma (bisection)."""
