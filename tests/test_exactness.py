@@ -10,6 +10,7 @@ from transformers import DynamicCache
 import leapdecode
 from leapdecode import Decoder, DraftTree
 from leapdecode.drafters.base import DraftContext, DraftFeedback
+from leapdecode.errors import InvalidSettingError
 from conftest import ARCHITECTURES, tiny_loaded
 
 N_PROMPTS = 6
@@ -147,3 +148,31 @@ def test_all_registered_lossless_methods_listed():
     names = {m.name for m in leapdecode.all_methods()}
     assert {"ar", "pld", "draft"} <= names
     assert all(m.promise in ("lossless", "lossy") for m in leapdecode.all_methods())
+
+
+def test_draft_vocabulary_keeps_greedy_output(arch):
+    """`draft_vocab`: the draft reads only its first ids' LM-head rows (plus the prompt's and the end tokens);
+    the draft model's hidden-state path gives exactly its logits there, and the output stays ar's."""
+    from leapdecode.drafters.draft_model import DraftModelDrafter
+    from leapdecode.lm import CausalLM
+
+    target = tiny_loaded(arch, scale=6.0)
+    draft = tiny_loaded(arch, seed=1, scale=6.0, layers=1)
+    lm = CausalLM(draft.model)
+    with torch.inference_mode():
+        full = lm.forward(torch.tensor([[1, 2, 3]]))[:, -1]
+        lm.reset()
+        head = draft.model.get_output_embeddings()
+        torch.testing.assert_close(head(lm.forward_hidden(torch.tensor([[1, 2, 3]])))[:, -1], full)
+    ar = Decoder(target, "ar")
+    dec = Decoder(target, "draft", draft=draft, draft_vocab=40, num_draft_tokens=4)
+    assert isinstance(dec.drafter, DraftModelDrafter) and dec.drafter.vocab is not None
+    drafted = 0
+    for prompt in random_prompts(5, n=6):
+        out = dec.generate(prompt, max_new_tokens=20)
+        assert out.token_ids == ar.generate(prompt, max_new_tokens=20).token_ids
+        drafted += out.stats.drafted_tokens
+    assert drafted > 0
+    assert Decoder(target, "draft", draft=draft).drafter.vocab is None  # the default: the full vocabulary
+    with pytest.raises(InvalidSettingError):
+        Decoder(target, "draft", draft=draft, draft_vocab=-1)

@@ -48,6 +48,13 @@ class CausalLM:
         self.forward_passes += 1
         return out.logits
 
+    def forward_hidden(self, ids: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        """Like `forward`, but stop before the LM head: the final (post-norm) hidden states of the last
+        `keep` positions (B, keep, H), for callers that apply their own head (a draft vocabulary)."""
+        out = self.model.get_decoder()(input_ids=ids.to(self.device), cache=self.cache, use_cache=True)
+        self.forward_passes += 1
+        return out.last_hidden_state[:, -keep:]
+
     def _hidden_kwargs(self) -> dict:
         return {"output_hidden_states": True} if self.keep_hidden else {}
 

@@ -97,7 +97,8 @@ def _pld(build: MethodBuild) -> Drafter:
 def _draft(build: MethodBuild) -> Drafter:
     from .drafters.draft_model import DraftModelDrafter
 
-    opts = _take(build.options, {"num_draft_tokens": 20, "adaptive": False, "confidence_threshold": 0.4}, "draft")
+    opts = _take(build.options, {"num_draft_tokens": 20, "adaptive": False, "confidence_threshold": 0.4,
+                                 "draft_vocab": 0}, "draft")
     try:
         return DraftModelDrafter(build.draft.model, **opts)
     except ValueError as err:
