@@ -13,36 +13,43 @@ import torch
 
 
 class DraftVocab:
-    """`logits(states)` (P, H) -> (P, V): the LM head over `base` ids plus the prompt's, -inf elsewhere."""
+    """`logits(states)` (P, H) -> (P, V): the LM head over `base` ids plus the prompt's, -inf elsewhere.
+    The base rows are gathered once (at the first request); each request adds only its prompt's other ids."""
 
     def __init__(self, lm_head: torch.nn.Module, base: torch.Tensor):
         self.lm_head = lm_head
-        self.base = base.long().cpu()
         self.size = int(lm_head.weight.shape[0])
-        if self.base.numel() and (int(self.base.min()) < 0 or int(self.base.max()) >= self.size):
+        self.base = torch.unique(base.long().cpu())
+        if self.base.numel() and (int(self.base[0]) < 0 or int(self.base[-1]) >= self.size):
             raise ValueError(f"draft vocabulary ids must be in [0, {self.size})")
-        self.ids: torch.Tensor | None = None
-        self.weight: torch.Tensor | None = None
-        self.bias: torch.Tensor | None = None
+        self._base_rows: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.ids: torch.Tensor | None = None  # base ids, then the request's extra ids
+        self._extra_rows: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def _rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight rows, bias entries or None) of the LM head for `ids` (on the head's device)."""
+        weight, bias = self.lm_head.weight.detach(), getattr(self.lm_head, "bias", None)
+        ids = ids.to(weight.device)
+        return weight[ids].contiguous(), None if bias is None else bias.detach()[ids]
 
     def begin(self, prompt: list[int]) -> None:
-        """The request's set: the base ids and the prompt's tokens; gathers their LM-head rows once."""
-        ids = torch.unique(torch.cat([self.base, torch.tensor(prompt, dtype=torch.long)]))
-        ids = ids[(ids >= 0) & (ids < self.size)]
-        weight = self.lm_head.weight
-        self.ids = ids.to(weight.device)
-        self.weight = weight.detach()[self.ids].contiguous()
-        bias = getattr(self.lm_head, "bias", None)
-        self.bias = None if bias is None else bias.detach()[self.ids]
+        """The request's set: the base ids and the prompt's tokens."""
+        if self._base_rows is None:
+            self._base_rows = self._rows(self.base)
+        extra = torch.unique(torch.tensor(prompt, dtype=torch.long))
+        extra = extra[(extra >= 0) & (extra < self.size) & ~torch.isin(extra, self.base)]
+        self._extra_rows = self._rows(extra)
+        self.ids = torch.cat([self.base, extra]).to(self.lm_head.weight.device)
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
-        if self.weight is None:
+        if self.ids is None:
             raise RuntimeError("DraftVocab.begin must be called first")
-        sub = states.to(self.weight.dtype) @ self.weight.T  # (P, |ids|)
-        if self.bias is not None:
-            sub = sub + self.bias
-        full = sub.new_full((states.shape[0], self.size), float("-inf"))
-        full[:, self.ids] = sub
+        parts = []
+        for weight, bias in (self._base_rows, self._extra_rows):
+            part = states.to(weight.dtype) @ weight.T
+            parts.append(part if bias is None else part + bias)
+        full = states.new_full((states.shape[0], self.size), float("-inf"), dtype=parts[0].dtype)
+        full[:, self.ids] = torch.cat(parts, dim=-1)
         return full
 
 
