@@ -50,7 +50,7 @@ class DraftModelDrafter:
         self.fed = []
         self.length.reset()
         self._prompt = list(prompt)
-        self._vocab_for: frozenset[int] | None = None
+        self._vocab_ready = False  # the request's draft vocabulary is set at its first proposal
 
     def _next_logits(self, ids: list[int]) -> torch.Tensor:
         """Feed `ids` after the cache; the draft's logits after the last one (1, V)."""
@@ -74,9 +74,9 @@ class DraftModelDrafter:
         budget = min(self.length.value, ctx.max_tokens)
         if budget <= 0:
             return None
-        if self.vocab is not None and self._vocab_for != ctx.stop_ids:  # the end tokens join the prompt's
+        if self.vocab is not None and not self._vocab_ready:  # the end tokens join the prompt's
             self.vocab.begin(self._prompt + sorted(ctx.stop_ids))
-            self._vocab_for = ctx.stop_ids
+            self._vocab_ready = True
         logits = self._catch_up(ctx.tokens)
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
@@ -107,10 +107,9 @@ class DraftModelDrafter:
 
 
 def _draft_vocab(model: torch.nn.Module, size: int) -> DraftVocab | None:
-    """The first `size` ids as a draft vocabulary (0: the full vocabulary, the default: on the Qwen2.5-Coder
-    pair 32768 ids made code editing faster, 1.94x vs 1.78x of ar, but math and translation answers use
-    tokens past them and lost more; see the README). Refused where the logits are not the LM head's plain
-    output (logit soft-capping or scaling)."""
+    """The first `size` ids as a draft vocabulary (0: the full vocabulary, the default, because answers in
+    other languages and math use tokens past the first ids; the README has the Qwen pair's figures). Refused
+    where the logits are not the LM head's plain output (logit soft-capping or scaling)."""
     if size < 0:
         raise ValueError(f"draft_vocab must be >= 0 (0 = the full vocabulary), got {size}")
     head = model.get_output_embeddings()
