@@ -273,3 +273,25 @@ def test_chain_is_cut_after_its_first_end_token():
     same = MultiDraftTree(tokens=torch.tensor([[4, 9, 2]]), parents=(-1, 0, 1), draft_probs=torch.rand(1, 3, 7),
                           drafts=((0, 1, 2), (0, 1, 2)))
     assert same.cut_after_stop({9}) is same  # k coinciding drafts keep the multi-draft rule
+
+
+def test_draw_children_from_a_small_support():
+    """The model-free tree drafters draw children from a few ids without a vocabulary-sized vector: greedy
+    takes the heaviest ids; sampling draws without replacement with the conditionals the verifier needs
+    (equal to `without_replacement` on the full vector), and its draws follow q."""
+    from leapdecode.drafters.trie import draw_children
+
+    V, support, weights = 12, [7, 2, 9, 4, 11, 0], [0.1, 0.4, 0.3, 0.0, 0.15, 0.05]
+    greedy = draw_children(support, weights, 3, False, None, V)
+    assert greedy.tokens == [2, 9, 11] and greedy.conditionals is None
+    assert draw_children(support, weights, 9, False, None, V).tokens == [2, 9, 11, 7, 0]  # zero weight never drawn
+    q = torch.zeros(V)
+    q[torch.tensor(support)] = torch.tensor(weights)
+    gen = torch.Generator().manual_seed(0)
+    firsts = Counter()
+    for _ in range(TRIALS):
+        drawn = draw_children(support, weights, 2, True, gen, V)
+        assert len(set(drawn.tokens)) == 2 and 4 not in drawn.tokens
+        assert torch.allclose(drawn.conditionals, without_replacement(q, drawn.tokens), atol=1e-6)
+        firsts[drawn.tokens[0]] += 1
+    assert chi_square_pvalue(firsts, {t: float(q[t]) for t in (7, 2, 9, 11, 0)}, TRIALS) > 1e-3

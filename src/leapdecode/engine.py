@@ -140,8 +140,9 @@ class Decoder:
                 if lead:
                     lead = []
                     stats.prefill_time = time.perf_counter() - started  # prompt + first verification
-                if logits.device.type != "cpu":  # verification and drafters' bookkeeping run on the CPU
-                    logits = logits.float().cpu()
+                if logits.device.type != "cpu" and not params.greedy:
+                    logits = logits.float().cpu()  # sampling draws from the CPU generator
+                # (greedy verification takes the argmax where the logits are and moves only the ids)
                 verdict = verify(tree, logits, params, generator)
                 nodes, new = verdict.accepted_nodes[0], verdict.tokens[0]
                 self.lm.keep_path(start, nodes)

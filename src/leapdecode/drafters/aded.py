@@ -19,13 +19,10 @@ import heapq
 import math
 from collections import Counter, defaultdict
 
-import torch
-
-from ..sampling import SamplingParams, gumbel_top_k
+from ..sampling import SamplingParams
 from ..tree import DraftTree
-from ..verifiers.tree_sampling import without_replacement
 from .base import DraftContext, DraftFeedback
-from .trie import TreeBudget, TreeBuilder
+from .trie import TreeBudget, TreeBuilder, draw_children
 
 
 class TrigramMatrix:
@@ -96,21 +93,21 @@ class AdedDrafter:
             if found is None:
                 continue
             key, scores = found
-            ids = torch.tensor(list(scores), dtype=torch.long)
-            logit = torch.tensor([math.log(s) for s in scores.values()]) / self.temperature
-            q = torch.zeros(self.vocab_size)
-            q[ids] = logit.softmax(-1)
+            # children law: softmax(log score / tau) over the successors
+            logs = [math.log(v) / self.temperature for v in scores.values()]
+            top = max(logs)
+            weights = [math.exp(v - top) for v in logs]
+            total = sum(weights)
+            law = dict(zip(scores, (w / total for w in weights)))
             k = min(self.max_children, len(scores), budget - len(builder))
-            if ctx.params.greedy:
-                drawn = torch.topk(q, k).indices.tolist()
-            else:  # Gumbel-top-k: k draws without replacement from q
-                drawn = gumbel_top_k(q, k, ctx.generator)
-            conditionals = without_replacement(q, drawn)
-            for rank, token in enumerate(drawn):
+            drawn = draw_children(list(law), list(law.values()), k, not ctx.params.greedy, ctx.generator,
+                                  self.vocab_size)
+            for rank, token in enumerate(drawn.tokens):
                 self.drafted[key][token] += 1
-                child = builder.add(node, token, conditionals[rank])
+                q = drawn.conditionals[rank] if drawn.conditionals is not None else None
+                child = builder.add(node, token, q)
                 paths[child] = paths[node] + [token]
-                heapq.heappush(frontier, (neg * float(q[token]), tie, child))
+                heapq.heappush(frontier, (neg * law[token], tie, child))
                 tie += 1
         return builder.build()
 

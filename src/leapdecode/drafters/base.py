@@ -31,7 +31,8 @@ class DraftFeedback:
     committed: list[int] = field(default_factory=list)  # tokens committed this step
     accepted_nodes: list[int] = field(default_factory=list)  # tree node indices on the accepted path
     tree: DraftTree | None = None  # the proposal itself (None when nothing was proposed)
-    target_logits: torch.Tensor | None = None  # (1, N+1, V): row 0 after the root, row i+1 after node i
+    # (1, N+1, V): row 0 after the root, row i+1 after node i (on the target's device under greedy)
+    target_logits: torch.Tensor | None = None
     # (1, N+1, H) the target's final (post-norm) hidden states, same rows as target_logits; only for drafters
     # that set `needs_target_hidden = True` (feature drafters: medusa, hydra, falcon), else None
     target_hidden: torch.Tensor | None = None

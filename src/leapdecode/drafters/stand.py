@@ -20,11 +20,10 @@ from collections import OrderedDict
 
 import torch
 
-from ..sampling import SamplingParams, gumbel_top_k, probs_from_logits
+from ..sampling import SamplingParams, probs_from_logits
 from ..tree import DraftTree
-from ..verifiers.tree_sampling import without_replacement
 from .base import DraftContext, DraftFeedback
-from .trie import TreeBuilder
+from .trie import TreeBuilder, draw_children
 
 _STORE_TEMPERATURE = 1.0  # under greedy the store keeps the plain softmax (its ranking is what matters)
 
@@ -98,22 +97,16 @@ class StandDrafter:
             dist = self.store.lookup(ctx.tokens[-self.max_ngram:] + paths[node])
             if not dist:
                 continue
-            q = torch.zeros(self.vocab_size)
-            ids = torch.tensor(list(dist), dtype=torch.long)
-            q[ids] = torch.tensor(list(dist.values()), dtype=torch.float32)
-            q = q / q.sum()
             # how many children: slots whose reach probability stays worth a node (decided before drawing)
-            k = 0
-            while (k < min(self.max_children, int((q > 0).sum()), budget - len(builder))
+            k, most = 0, min(self.max_children, sum(1 for v in dist.values() if v > 0), budget - len(builder))
+            while (k < most
                    and (k == 0 or -neg_reach * self._rate(depth, k) > 0.02)):
                 k += 1
-            if ctx.params.greedy:
-                drawn = torch.topk(q, k).indices.tolist()
-            else:  # Gumbel-top-k: k draws without replacement
-                drawn = gumbel_top_k(q, k, ctx.generator)
-            conditionals = without_replacement(q, drawn)
-            for rank, token in enumerate(drawn):
-                child = builder.add(node, token, conditionals[rank])
+            drawn = draw_children(list(dist), list(dist.values()), k, not ctx.params.greedy, ctx.generator,
+                                  self.vocab_size)
+            for rank, token in enumerate(drawn.tokens):
+                q = drawn.conditionals[rank] if drawn.conditionals is not None else None
+                child = builder.add(node, token, q)
                 paths[child] = paths[node] + [token]
                 heapq.heappush(frontier, (neg_reach * self._rate(depth, rank), tie, child))
                 tie += 1
@@ -133,16 +126,14 @@ class StandDrafter:
         tree, logits = feedback.tree, feedback.target_logits
         committed_before = self.history[-self.max_ngram:]
         if tree is not None and logits is not None:
-            probs = probs_from_logits(logits[0], self.store_params)  # (N+1, V)
-            layout = tree.layout
-            tokens = tree.tokens[0].tolist()
-            top = torch.topk(probs, min(self.top_k, probs.shape[-1]), dim=-1)
+            top_ids, top_probs = self._top_probs(logits[0])
+            parents, tokens = tree.layout.parents, tree.tokens[0].tolist()
             for row in range(tree.size + 1):
                 path, node = [], row - 1
                 while node != -1:
                     path.append(tokens[node])
-                    node = layout.parents[node]
-                dist = {int(t): float(v) for t, v in zip(top.indices[row], top.values[row]) if v > 0}
+                    node = parents[node]
+                dist = {t: v for t, v in zip(top_ids[row], top_probs[row]) if v > 0}
                 self.store.add((committed_before + path[::-1])[-self.max_ngram:], dist, weight=0.5)
             if self.adaptive and tree.size:
                 self._learn_shape(tree, feedback.accepted_nodes)
@@ -152,6 +143,20 @@ class StandDrafter:
             self.store.add(ctx[-self.max_ngram:], {t: 1.0}, weight=0.3)
             ctx.append(t)
         self.history = ctx[-self.max_ngram:]
+
+    def _top_probs(self, logits: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
+        """The `top_k` most probable next tokens of each row of `logits` (R, V) and their probabilities
+        under the store's sampling settings, as lists. Without top-k/top-p truncation the probabilities
+        come from the top logits and one log-sum-exp (no vocabulary-sized softmax)."""
+        k = min(self.top_k, logits.shape[-1])
+        params = self.store_params
+        if params.top_k == 0 and params.top_p >= 1.0:
+            scaled = logits.float() / params.temperature
+            top = torch.topk(scaled, k, dim=-1)
+            probs = (top.values - torch.logsumexp(scaled, dim=-1, keepdim=True)).exp()
+            return top.indices.tolist(), probs.tolist()
+        top = torch.topk(probs_from_logits(logits, params), k, dim=-1)
+        return top.indices.tolist(), top.values.tolist()
 
     def _learn_shape(self, tree: DraftTree, accepted: list[int]) -> None:
         children = tree.layout.children

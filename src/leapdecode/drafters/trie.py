@@ -76,3 +76,42 @@ class TreeBudget:
             self.value = min(self.high, self.value + 2)
         elif not accepted_nodes:
             self.value = max(self.low, self.value - 1)
+
+
+@dataclass(frozen=True)
+class Children:
+    """The children drawn at one tree node: tokens in draw order and, under sampling, their sibling
+    conditionals (k, V) for the recursive-rejection verifier (None under greedy, which does not read them)."""
+
+    tokens: list[int]
+    conditionals: torch.Tensor | None
+
+
+def draw_children(support: list[int], weights: list[float], k: int, sampling: bool,
+                  generator: torch.Generator | None, vocab_size: int) -> Children:
+    """Pick up to `k` distinct children from a small distribution given as `support` ids and non-negative
+    `weights` (normalised here), without building a vocabulary-sized vector per node.
+
+    Greedy: the k heaviest ids (earlier ids first on ties). Sampling: k draws without replacement by
+    Gumbel-top-k over the support, with row j of `conditionals` = q with the first j draws removed,
+    renormalised (the law of draw j given the earlier ones; what the exact tree verifier needs)."""
+    live = [(t, w) for t, w in zip(support, weights) if w > 0]
+    k = min(k, len(live))
+    if k <= 0:
+        return Children([], None if not sampling else torch.zeros(0, vocab_size))
+    if not sampling:
+        order = sorted(range(len(live)), key=lambda i: -live[i][1])[:k]
+        return Children([live[i][0] for i in order], None)
+    ids = torch.tensor([t for t, _ in live], dtype=torch.long)
+    q = torch.tensor([w for _, w in live], dtype=torch.float64)
+    q = q / q.sum()
+    u = torch.rand(len(live), generator=generator, dtype=torch.float64).clamp_(1e-300, 1.0)
+    picks = torch.topk(q.log() - (-u.log()).log(), k).indices
+    rows = torch.zeros(k, len(live), dtype=torch.float64)
+    left = q.clone()
+    for j, p in enumerate(picks.tolist()):
+        rows[j] = left / left.sum()
+        left[p] = 0.0
+    conditionals = torch.zeros(k, vocab_size, dtype=torch.float32)
+    conditionals[:, ids] = rows.float()
+    return Children(ids[picks].tolist(), conditionals)
