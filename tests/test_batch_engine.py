@@ -184,7 +184,7 @@ def test_feature_drafters_draft_and_equal_decoding_alone(kind, tmp_path):
     engine.run_until_done()
     for prompt, name, kw, handle in jobs:
         assert handle.error is None
-        alone = Decoder(target, name, **(options if name == method else {})).generate(prompt, **kw)
+        alone = Decoder(target, name, fit_width=False, **(options if name == method else {})).generate(prompt, **kw)
         assert handle.result.token_ids == alone.token_ids, name
         assert handle.result.stats.accept_lengths == alone.stats.accept_lengths, name
         if name == method:

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .draft_cut import DraftCut
 from .drafters.base import DraftContext, DraftFeedback
 from .errors import InvalidSettingError, LeapdecodeError, PromptTooLongError
 from .lm import CausalLM
@@ -28,7 +29,7 @@ from .sampling import SamplingParams, make_generator
 from .stats import GenerationResult, GenerationStats
 from .text_stream import TextAssembler
 from .tree import DraftTree
-from .verifiers import verify
+from .verifiers import MultiDraftTree, verify
 
 Prompt = "str | Sequence[dict] | Sequence[int]"
 _EMPTY = torch.zeros(1, 0, dtype=torch.long)
@@ -53,7 +54,7 @@ class Decoder:
     >>> dec.generate("Rewrite ...", max_new_tokens=64).text
     """
 
-    def __init__(self, target, method: str = "ar", draft=None, **options):
+    def __init__(self, target, method: str = "ar", draft=None, fit_width: bool = True, **options):
         self.spec = get_method(method)
         if self.spec.needs_draft_model and draft is None:
             raise InvalidSettingError(f"method {method!r} needs a draft model (draft=... / --draft-model)")
@@ -68,6 +69,8 @@ class Decoder:
         self.build = MethodBuild(target=target, draft=draft, options=dict(options))
         self.drafter = self.spec.make_drafter(self.build)
         self.lm.keep_hidden = bool(getattr(self.drafter, "needs_target_hidden", False))
+        # greedy drafts are cut to the size with the most expected tokens per second (draft_cut.py)
+        self.cut = DraftCut() if fit_width and self.spec.target_patch is None else None
 
     # ----- prompts -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt, chat: bool | None = None) -> list[int]:
@@ -120,6 +123,8 @@ class Decoder:
             tokens = list(prompt_ids)
             produced = 0
             while produced < limit:
+                step_started = time.perf_counter()
+                measured = self.cut is not None and params.greedy and not lead  # not the prompt's pass
                 budget = limit - produced - 1  # the target adds one token of its own
                 tree = None
                 if budget > 0:
@@ -131,10 +136,16 @@ class Decoder:
                     raise LeapdecodeError(f"drafter proposed {tree.size} tokens, over its budget of {budget}")
                 else:
                     tree = tree.cut_after_stop(stop_ids)
+                proposed = tree
+                if measured and isinstance(tree, MultiDraftTree):
+                    measured = False  # k whole drafts: SpecTr's rule keeps them whole
+                if measured and tree.size:
+                    tree = tree.prefix(self.cut.choose(tree))
                 if lead and not tree.layout.is_chain:  # a tree's mask would span the whole prompt: prefill
                     self.lm.forward(torch.tensor([lead], dtype=torch.long), logits_to_keep=1)
                     lead = []
                     stats.prefill_time = time.perf_counter() - started
+                pass_started = time.perf_counter()
                 start = self.lm.length + len(lead)  # cache position of the root
                 logits = self.lm.score_tree(torch.tensor([lead + [tokens[-1]]], dtype=torch.long), tree)
                 if lead:
@@ -145,10 +156,15 @@ class Decoder:
                 # (greedy verification takes the argmax where the logits are and moves only the ids)
                 verdict = verify(tree, logits, params, generator)
                 nodes, new = verdict.accepted_nodes[0], verdict.tokens[0]
+                verified = time.perf_counter()
                 self.lm.keep_path(start, nodes)
                 self.drafter.update(DraftFeedback(proposed=tree.size, accepted=len(nodes), committed=new,
                                                   accepted_nodes=nodes, tree=tree, target_logits=logits,
                                                   target_hidden=self.lm.last_hidden))
+                if measured:  # the pass and its verification, and the rest of the step (drafting)
+                    seconds = verified - pass_started
+                    rest = time.perf_counter() - step_started - seconds
+                    self.cut.observe(proposed, new, tree.size + 1, seconds, rest)
                 stats.target_forward_passes += 1
                 stats.drafted_tokens += tree.size
                 stats.accept_lengths.append(len(new))

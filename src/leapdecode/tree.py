@@ -85,6 +85,14 @@ class DraftTree:
         probs = None if self.draft_probs is None else self.draft_probs[:, : hit + 1]
         return DraftTree.chain(self.tokens[:, : hit + 1], probs)
 
+    def prefix(self, n: int) -> "DraftTree":
+        """The first n nodes: still a tree (parents come before their children), and every kept node keeps
+        its earlier siblings, so the sibling conditionals in `draft_probs` stay valid."""
+        if n >= self.size:
+            return self
+        probs = None if self.draft_probs is None else self.draft_probs[:, :n]
+        return DraftTree(tokens=self.tokens[:, :n], parents=self.parents[:n], draft_probs=probs)
+
     def ends_at_leaf(self, nodes: list[int]) -> bool:
         """Whether an accepted path (node indices, root first) ends at a node without children."""
         return bool(nodes) and not self.layout.children[nodes[-1] + 1]

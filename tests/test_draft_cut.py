@@ -1,0 +1,95 @@
+"""The cost-aware draft cut: it keeps a prefix of the draft tree chosen from measured pass times and learnt
+accept rates, and greedy output stays plain decoding's whatever it keeps."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from leapdecode import Decoder, DraftTree
+from leapdecode.draft_cut import DraftCut, PassCosts
+from conftest import tiny_loaded
+from test_exactness import random_prompts
+
+
+def test_pass_costs_interpolate_and_assume_no_dearer_beyond_the_widest():
+    costs = PassCosts()
+    assert costs.estimate(3) is None
+    costs.observe(2, 0.010)
+    costs.observe(6, 0.030)
+    assert costs.estimate(4) == pytest.approx(0.020)
+    assert costs.estimate(1) == pytest.approx(0.010) and costs.estimate(20) == pytest.approx(0.030)
+    costs.observe(2, 0.020)  # a running mean
+    assert 0.010 < costs.estimate(2) < 0.020
+
+
+def _measured(cut: DraftCut, seconds_of) -> None:
+    for width in range(1, 65):
+        cut.costs.observe(width, seconds_of(width))
+    cut.overhead = 0.0
+
+
+def test_choose_follows_the_cost_curve():
+    chain = DraftTree.chain(torch.arange(1, 11))
+    cut = DraftCut()
+    _measured(cut, lambda w: 1.0)  # a flat curve (a GPU): keep every node
+    assert cut.choose(chain) == 10
+    cut = DraftCut()
+    _measured(cut, lambda w: 1.0 + (0.05 * w if w <= 3 else 0.6 + 0.05 * w))  # a CPU: 4+ positions jump
+    assert cut.choose(chain) == 2
+    for _ in range(200):  # drafts that are always accepted: the long pass pays again
+        cut.observe(chain, list(range(1, 12)), 11, 1.0, 0.0)
+    assert cut.choose(chain) == 10
+
+
+def test_cut_nodes_still_teach_the_accept_rates():
+    """Only the first node was verified, but the target's own token after it matches the second drafted
+    one: the slot at depth 2 learns a hit, the one at depth 3 learns nothing."""
+    cut = DraftCut()
+    proposed = DraftTree.chain(torch.tensor([5, 6, 7]))
+    before = {d: cut.rates.rate(d, 0) for d in (1, 2, 3)}
+    cut.observe(proposed, [5, 6], 2, 0.01, 0.0)
+    assert cut.rates.rate(1, 0) > before[1] and cut.rates.rate(2, 0) > before[2]
+    assert cut.rates.rate(3, 0) == before[3]
+    branching = DraftTree(tokens=torch.tensor([[4, 5, 6]]), parents=(-1, -1, 1))
+    depth2 = cut.rates.rate(2, 0)
+    cut.observe(branching, [5, 9], 1, 0.01, 0.0)  # nothing verified; the second child matches, its child not
+    assert cut.rates.rate(1, 1) > 0.5 and cut.rates.rate(2, 0) < depth2
+
+
+def test_prefix_keeps_a_tree_and_its_earlier_siblings():
+    probs = torch.rand(1, 4, 8)
+    tree = DraftTree(tokens=torch.tensor([[1, 2, 3, 4]]), parents=(-1, -1, 0, 2), draft_probs=probs)
+    cut = tree.prefix(3)
+    assert cut.parents == (-1, -1, 0) and cut.tokens.tolist() == [[1, 2, 3]]
+    assert torch.equal(cut.draft_probs, probs[:, :3])
+    assert tree.prefix(9) is tree and tree.prefix(0).size == 0
+
+
+@pytest.mark.parametrize("method", ["pld", "pld-tree", "aded", "stand", "lookahead", "draft", "draft-tree"])
+def test_any_cut_keeps_greedy_output(arch, method):
+    """Whatever prefix the cut keeps (here a random one each step), greedy output equals ar's."""
+    target = tiny_loaded(arch, scale=6.0)
+    draft = tiny_loaded(arch, seed=1, scale=6.0, layers=1) if method.startswith("draft") else None
+    ar = Decoder(target, "ar", fit_width=False)
+    dec = Decoder(target, method, draft=draft, **({"confidence_threshold": 0.0} if method == "draft" else {}))
+    rng = random.Random(0)
+    kept = []
+
+    def choose(tree):
+        kept.append(rng.randint(0, tree.size))
+        return kept[-1]
+
+    dec.cut.choose = choose
+    for prompt in random_prompts(11, n=4):
+        assert dec.generate(prompt, max_new_tokens=24).token_ids == ar.generate(prompt, max_new_tokens=24).token_ids
+    assert kept and min(kept) == 0 and max(kept) > 1
+
+
+def test_sampled_drafts_are_not_cut():
+    target = tiny_loaded("llama", scale=3.0)
+    dec = Decoder(target, "pld")
+    dec.cut.choose = lambda tree: pytest.fail("a sampled draft was cut")
+    dec.generate([3, 4, 5, 3, 4, 5, 3, 4], max_new_tokens=12, temperature=0.8, seed=1)
+    assert Decoder(target, "pld", fit_width=False).cut is None
