@@ -45,17 +45,19 @@ def test_choose_follows_the_cost_curve():
 
 def test_cut_nodes_still_teach_the_accept_rates():
     """Only the first node was verified, but the target's own token after it matches the second drafted
-    one: the slot at depth 2 learns a hit, the one at depth 3 learns nothing."""
+    one: the slot at depth 2 learns a hit, the one at depth 3 learns nothing. Slots are kept apart by
+    whether the previous draft matched."""
     cut = DraftCut()
     proposed = DraftTree.chain(torch.tensor([5, 6, 7]))
-    before = {d: cut.rates.rate(d, 0) for d in (1, 2, 3)}
+    rate = cut.rates.rate
     cut.observe(proposed, [5, 6], 2, 0.01, 0.0)
-    assert cut.rates.rate(1, 0) > before[1] and cut.rates.rate(2, 0) > before[2]
-    assert cut.rates.rate(3, 0) == before[3]
+    assert rate((False, 1, 0)) > 0.5 and rate((False, 2, 0)) > 0.5 and rate((False, 3, 0)) == 0.5
+    assert cut.hot
     branching = DraftTree(tokens=torch.tensor([[4, 5, 6]]), parents=(-1, -1, 1))
-    depth2 = cut.rates.rate(2, 0)
     cut.observe(branching, [5, 9], 1, 0.01, 0.0)  # nothing verified; the second child matches, its child not
-    assert cut.rates.rate(1, 1) > 0.5 and cut.rates.rate(2, 0) < depth2
+    assert rate((True, 1, 0)) < 0.5 and rate((True, 1, 1)) > 0.5 and rate((True, 2, 0)) < 0.5
+    cut.observe(DraftTree.chain(torch.tensor([8])), [3], 1, 0.01, 0.0)
+    assert not cut.hot
 
 
 def test_prefix_keeps_a_tree_and_its_earlier_siblings():

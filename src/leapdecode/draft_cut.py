@@ -12,7 +12,8 @@ second:
     seconds(n)   = the measured time of a pass over n + 1 positions, plus the step's drafting time
 
 a(depth, rank) is the chance that a node is accepted when its parent is, by depth and sibling rank (the
-geometric model of Leviathan et al. 2023, per tree slot as in Sequoia's and EAGLE-2's tree shapes), learnt
+geometric model of Leviathan et al. 2023, per tree slot as in Sequoia's and EAGLE-2's tree shapes), kept
+apart by whether the previous step's draft matched (copying comes in runs) and learnt
 from every step's outcome, also for the nodes that were cut: the token the target committed after a node's
 parent says whether the node would have matched. Pass times are a running mean per width; a width not yet
 measured is interpolated between measured ones and assumed no dearer than the widest one measured, and a
@@ -29,23 +30,16 @@ _LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # widths (root + nodes) me
 
 @dataclass
 class AcceptRates:
-    """a(depth, rank): decayed hits / tries per tree slot, with a prior of 1 hit in 2 tries."""
+    """a(slot): decayed hits / tries per slot, with a prior of 1 hit in 2 tries."""
 
-    max_depth: int = 32
-    max_rank: int = 8
     decay: float = 0.98
-    hits: dict[tuple[int, int], float] = field(default_factory=dict)
-    tries: dict[tuple[int, int], float] = field(default_factory=dict)
+    hits: dict[tuple, float] = field(default_factory=dict)
+    tries: dict[tuple, float] = field(default_factory=dict)
 
-    def _slot(self, depth: int, rank: int) -> tuple[int, int]:
-        return min(depth, self.max_depth), min(rank, self.max_rank)
-
-    def rate(self, depth: int, rank: int) -> float:
-        slot = self._slot(depth, rank)
+    def rate(self, slot: tuple) -> float:
         return (1.0 + self.hits.get(slot, 0.0)) / (2.0 + self.tries.get(slot, 0.0))
 
-    def observe(self, depth: int, rank: int, hit: bool) -> None:
-        slot = self._slot(depth, rank)
+    def observe(self, slot: tuple, hit: bool) -> None:
         self.hits[slot] = self.decay * self.hits.get(slot, 0.0) + float(hit)
         self.tries[slot] = self.decay * self.tries.get(slot, 0.0) + 1.0
 
@@ -76,14 +70,15 @@ class PassCosts:
         return (1 - t) * self.seconds[below] + t * self.seconds[above]
 
 
-def _slots(tree: DraftTree) -> list[tuple[int, int]]:
-    """(depth, sibling rank) of every node, depth 1 for the root's children, rank 0 for a first child."""
+def _slots(tree: DraftTree, hot: bool) -> list[tuple[bool, int, int]]:
+    """Each node's slot: whether the previous draft matched (`hot`), the node's depth (1 for the root's
+    children) and its sibling rank (0 for a first child), both capped."""
     layout = tree.layout
     depths = layout.depths.tolist()
-    slots = [(0, 0)] * tree.size
+    slots = [(hot, 0, 0)] * tree.size
     for kids in layout.children:
         for rank, c in enumerate(kids):
-            slots[c] = (depths[c + 1], rank)
+            slots[c] = (hot, min(depths[c + 1], 32), min(rank, 8))
     return slots
 
 
@@ -94,6 +89,7 @@ class DraftCut:
         self.rates = AcceptRates()
         self.costs = PassCosts()
         self.overhead: float | None = None  # running mean of a step's seconds outside the pass (drafting)
+        self.hot = False  # whether the last step's draft matched at least its first token
 
     def choose(self, tree: DraftTree) -> int:
         """The number of leading nodes to keep (all of them until pass times are known)."""
@@ -101,7 +97,7 @@ class DraftCut:
         unmeasured = [w - 1 for w in _LADDER if w - 1 <= n_all and w not in self.costs.seconds]
         if unmeasured:
             return unmeasured[0]
-        slots, parents = _slots(tree), tree.parents
+        slots, parents = _slots(tree, self.hot), tree.parents
         reach: list[float] = []
         gain, best_n, best = 1.0, 0, -1.0
         for n in range(n_all + 1):
@@ -112,8 +108,7 @@ class DraftCut:
             if gain / seconds > best * (1 + 1e-9):
                 best_n, best = n, gain / seconds
             if n < n_all:
-                depth, rank = slots[n]
-                p = (1.0 if parents[n] == -1 else reach[parents[n]]) * self.rates.rate(depth, rank)
+                p = (1.0 if parents[n] == -1 else reach[parents[n]]) * self.rates.rate(slots[n])
                 reach.append(p)
                 gain += p
         return best_n
@@ -126,17 +121,20 @@ class DraftCut:
         self.costs.observe(width, seconds)
         self.overhead = overhead if self.overhead is None else 0.8 * self.overhead + 0.2 * overhead
         if proposed.size == 0:
+            self.hot = False
             return
+        slots, self.hot = _slots(proposed, self.hot), False
         tokens = proposed.tokens[0].tolist()
         layout = proposed.layout
         at, depth = 0, 0  # walk the committed path through the whole proposal, cut nodes included
         while depth < len(committed):
             hit = None
-            for rank, c in enumerate(layout.children[at]):
+            for c in layout.children[at]:
                 match = hit is None and tokens[c] == committed[depth]
-                self.rates.observe(depth + 1, rank, match)
+                self.rates.observe(slots[c], match)
                 if match:
                     hit = c
             if hit is None:
                 return
+            self.hot = True
             at, depth = hit + 1, depth + 1
