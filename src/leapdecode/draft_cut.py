@@ -17,7 +17,7 @@ apart by whether the previous step's draft matched (copying comes in runs) and l
 from every step's outcome, also for the nodes that were cut: the token the target committed after a node's
 parent says whether the node would have matched. Pass times are a running mean per width; a width not yet
 measured is interpolated between measured ones and assumed no dearer than the widest one measured, and a
-short ladder of widths is tried once so that the small ones are measured too.
+short ladder of widths is tried once, at steps after a missed draft, so that the small ones are measured too.
 """
 from __future__ import annotations
 
@@ -30,14 +30,15 @@ _LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # widths (root + nodes) me
 
 @dataclass
 class AcceptRates:
-    """a(slot): decayed hits / tries per slot, with a prior of 1 hit in 2 tries."""
+    """a(slot): decayed hits / tries per slot, with an optimistic prior (0.8 in 2 tries): a slot not yet
+    seen is kept, and so learnt, rather than cut and never seen."""
 
     decay: float = 0.98
     hits: dict[tuple, float] = field(default_factory=dict)
     tries: dict[tuple, float] = field(default_factory=dict)
 
     def rate(self, slot: tuple) -> float:
-        return (1.0 + self.hits.get(slot, 0.0)) / (2.0 + self.tries.get(slot, 0.0))
+        return (1.6 + self.hits.get(slot, 0.0)) / (2.0 + self.tries.get(slot, 0.0))
 
     def observe(self, slot: tuple, hit: bool) -> None:
         self.hits[slot] = self.decay * self.hits.get(slot, 0.0) + float(hit)
@@ -70,15 +71,15 @@ class PassCosts:
         return (1 - t) * self.seconds[below] + t * self.seconds[above]
 
 
-def _slots(tree: DraftTree, hot: bool) -> list[tuple[bool, int, int]]:
-    """Each node's slot: whether the previous draft matched (`hot`), the node's depth (1 for the root's
-    children) and its sibling rank (0 for a first child), both capped."""
+def _slots(tree: DraftTree, hot: bool) -> list[tuple[int, bool, int, int]]:
+    """Each node's slot: the drafter's label for the draft, whether the previous draft matched (`hot`), the
+    node's depth (1 for the root's children) and its sibling rank (0 for a first child), both capped."""
     layout = tree.layout
     depths = layout.depths.tolist()
-    slots = [(hot, 0, 0)] * tree.size
+    slots = [(tree.label, hot, 0, 0)] * tree.size
     for kids in layout.children:
         for rank, c in enumerate(kids):
-            slots[c] = (hot, min(depths[c + 1], 32), min(rank, 8))
+            slots[c] = (tree.label, hot, min(depths[c + 1], 32), min(rank, 8))
     return slots
 
 
@@ -94,9 +95,10 @@ class DraftCut:
     def choose(self, tree: DraftTree) -> int:
         """The number of leading nodes to keep (all of them until pass times are known)."""
         n_all = tree.size
-        unmeasured = [w - 1 for w in _LADDER if w - 1 <= n_all and w not in self.costs.seconds]
-        if unmeasured:
-            return unmeasured[0]
+        if not self.hot:  # measure the ladder's small widths where a draft is least likely to pay anyway
+            unmeasured = [w - 1 for w in _LADDER if w - 1 <= n_all and w not in self.costs.seconds]
+            if unmeasured:
+                return unmeasured[0]
         slots, parents = _slots(tree, self.hot), tree.parents
         reach: list[float] = []
         gain, best_n, best = 1.0, 0, -1.0

@@ -72,6 +72,8 @@ class DraftTree:
     tokens: torch.Tensor  # (B, N) int64
     parents: tuple[int, ...]  # (N,)
     draft_probs: torch.Tensor | None = None  # (B, N, V) float32
+    label: int = 0  # the drafter's class of this draft (pld: the matched n-gram's length); the draft cut
+    # keeps its accept statistics per label
     _layout: TreeLayout | None = field(default=None, repr=False, compare=False)
 
     def cut_after_stop(self, stop_ids) -> "DraftTree":
@@ -91,7 +93,7 @@ class DraftTree:
         if n >= self.size:
             return self
         probs = None if self.draft_probs is None else self.draft_probs[:, :n]
-        return DraftTree(tokens=self.tokens[:, :n], parents=self.parents[:n], draft_probs=probs)
+        return DraftTree(tokens=self.tokens[:, :n], parents=self.parents[:n], draft_probs=probs, label=self.label)
 
     def ends_at_leaf(self, nodes: list[int]) -> bool:
         """Whether an accepted path (node indices, root first) ends at a node without children."""
