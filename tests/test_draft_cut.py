@@ -22,11 +22,14 @@ def test_pass_costs_interpolate_and_assume_no_dearer_beyond_the_widest():
     assert costs.estimate(1) == pytest.approx(0.010) and costs.estimate(20) == pytest.approx(0.030)
     costs.observe(2, 0.020)  # a running mean
     assert 0.010 < costs.estimate(2) < 0.020
+    costs.observe(3, 0.005)  # a narrower pass is never priced above a wider one
+    assert costs.estimate(2) == pytest.approx(0.005) and costs.estimate(1) == pytest.approx(0.005)
 
 
 def _measured(cut: DraftCut, seconds_of) -> None:
     for width in range(1, 65):
         cut.costs.observe(width, seconds_of(width))
+        cut.fresh.add(width)
     cut.overhead = 0.0
 
 

@@ -13,11 +13,13 @@ second:
 
 a(depth, rank) is the chance that a node is accepted when its parent is, by depth and sibling rank (the
 geometric model of Leviathan et al. 2023, per tree slot as in Sequoia's and EAGLE-2's tree shapes), kept
-apart by whether the previous step's draft matched (copying comes in runs) and learnt
-from every step's outcome, also for the nodes that were cut: the token the target committed after a node's
-parent says whether the node would have matched. Pass times are a running mean per width; a width not yet
-measured is interpolated between measured ones and assumed no dearer than the widest one measured, and a
-short ladder of widths is tried once, at steps after a missed draft, so that the small ones are measured too.
+apart per drafter label (`DraftTree.label`; pld: the matched n-gram's length) and by whether the previous
+step's draft matched (copying comes in runs), and learnt from every step's outcome, also for the nodes that
+were cut: the token the target committed after a node's parent says whether the node would have matched.
+Pass times are a running mean per width; a width not yet measured is interpolated between measured ones and
+assumed no dearer than the widest one measured (nor any width dearer than a wider one), and a short ladder
+of widths is tried at steps after a missed draft (once, then again every 64 such steps), so that the small
+ones are measured too.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from .tree import DraftTree
 
 _LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # widths (root + nodes) measured once each
+_REMEASURE = 64  # ... and again after this many steps that follow a missed draft
 
 
 @dataclass
@@ -57,8 +60,12 @@ class PassCosts:
         self.seconds[width] = seconds if old is None else (1 - self.weight) * old + self.weight * seconds
 
     def estimate(self, width: int) -> float | None:
+        """Seconds for a pass over `width` positions: never more than a measured wider pass (a stale or
+        unlucky reading of a narrow width does not price it out), interpolated between measured widths."""
+        wider = [self.seconds[w] for w in self.seconds if w >= width]
+        cap = min(wider) if wider else None
         if width in self.seconds:
-            return self.seconds[width]
+            return min(self.seconds[width], cap)
         below = max((w for w in self.seconds if w < width), default=None)
         above = min((w for w in self.seconds if w > width), default=None)
         if below is None and above is None:
@@ -66,9 +73,9 @@ class PassCosts:
         if above is None:
             return self.seconds[below]
         if below is None:
-            return self.seconds[above]
+            return cap
         t = (width - below) / (above - below)
-        return (1 - t) * self.seconds[below] + t * self.seconds[above]
+        return min((1 - t) * self.seconds[below] + t * self.seconds[above], cap)
 
 
 def _slots(tree: DraftTree, hot: bool) -> list[tuple[int, bool, int, int]]:
@@ -91,12 +98,17 @@ class DraftCut:
         self.costs = PassCosts()
         self.overhead: float | None = None  # running mean of a step's seconds outside the pass (drafting)
         self.hot = False  # whether the last step's draft matched at least its first token
+        self.fresh: set[int] = set()  # widths measured since the ladder last started
+        self.cold_steps = 0
 
     def choose(self, tree: DraftTree) -> int:
         """The number of leading nodes to keep (all of them until pass times are known)."""
         n_all = tree.size
         if not self.hot:  # measure the ladder's small widths where a draft is least likely to pay anyway
-            unmeasured = [w - 1 for w in _LADDER if w - 1 <= n_all and w not in self.costs.seconds]
+            self.cold_steps += 1
+            if self.cold_steps % _REMEASURE == 0:  # and again now and then: widths seldom kept go stale
+                self.fresh.clear()
+            unmeasured = [w - 1 for w in _LADDER if w - 1 <= n_all and w not in self.fresh]
             if unmeasured:
                 return unmeasured[0]
         slots, parents = _slots(tree, self.hot), tree.parents
@@ -121,6 +133,7 @@ class DraftCut:
         (the target's next token after the root and after each accepted node); `width`: positions fed;
         `seconds`: the pass and its verification; `overhead`: the step's other seconds (drafting)."""
         self.costs.observe(width, seconds)
+        self.fresh.add(width)
         self.overhead = overhead if self.overhead is None else 0.8 * self.overhead + 0.2 * overhead
         if proposed.size == 0:
             self.hot = False
