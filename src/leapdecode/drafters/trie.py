@@ -98,7 +98,7 @@ def draw_children(support: list[int], weights: list[float], k: int, sampling: bo
     live = [(t, w) for t, w in zip(support, weights) if w > 0]
     k = min(k, len(live))
     if k <= 0:
-        return Children([], None if not sampling else torch.zeros(0, vocab_size))
+        return Children([], None)
     if not sampling:
         order = sorted(range(len(live)), key=lambda i: -live[i][1])[:k]
         return Children([live[i][0] for i in order], None)
