@@ -273,6 +273,7 @@ def test_chain_is_cut_after_its_first_end_token():
     same = MultiDraftTree(tokens=torch.tensor([[4, 9, 2]]), parents=(-1, 0, 1), draft_probs=torch.rand(1, 3, 7),
                           drafts=((0, 1, 2), (0, 1, 2)))
     assert same.cut_after_stop({9}) is same  # k coinciding drafts keep the multi-draft rule
+    assert same.prefix(1) is same  # nor does the engine's draft cut shorten them
 
 
 def test_draw_children_from_a_small_support():

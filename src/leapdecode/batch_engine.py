@@ -595,7 +595,7 @@ class BatchEngine:
         for b in cut:
             if trees[b].size > width:
                 proposals[b] = trees[b]
-                trees[b] = DraftTree.chain(trees[b].tokens[:, :width])
+                trees[b] = trees[b].prefix(width)
         return proposals
 
     def _advance(self, row: _Row, new: list[int], drafted: int) -> None:

@@ -29,7 +29,7 @@ from .sampling import SamplingParams, make_generator
 from .stats import GenerationResult, GenerationStats
 from .text_stream import TextAssembler
 from .tree import DraftTree
-from .verifiers import MultiDraftTree, verify
+from .verifiers import verify
 
 Prompt = "str | Sequence[dict] | Sequence[int]"
 _EMPTY = torch.zeros(1, 0, dtype=torch.long)
@@ -137,8 +137,6 @@ class Decoder:
                 else:
                     tree = tree.cut_after_stop(stop_ids)
                 proposed = tree
-                if measured and isinstance(tree, MultiDraftTree):
-                    measured = False  # k whole drafts: SpecTr's rule keeps them whole
                 if measured and tree.size:
                     tree = tree.prefix(self.cut.choose(tree))
                 if lead and not tree.layout.is_chain:  # a tree's mask would span the whole prompt: prefill

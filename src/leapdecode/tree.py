@@ -84,8 +84,7 @@ class DraftTree:
         hit = next((i for i, t in enumerate(self.tokens[0].tolist()) if t in stop_ids), None)
         if hit is None or hit + 1 == self.size:
             return self
-        probs = None if self.draft_probs is None else self.draft_probs[:, : hit + 1]
-        return DraftTree.chain(self.tokens[:, : hit + 1], probs)
+        return self.prefix(hit + 1)
 
     def prefix(self, n: int) -> "DraftTree":
         """The first n nodes: still a tree (parents come before their children), and every kept node keeps
@@ -100,12 +99,13 @@ class DraftTree:
         return bool(nodes) and not self.layout.children[nodes[-1] + 1]
 
     @classmethod
-    def chain(cls, tokens: torch.Tensor, draft_probs: torch.Tensor | None = None) -> "DraftTree":
+    def chain(cls, tokens: torch.Tensor, draft_probs: torch.Tensor | None = None, label: int = 0) -> "DraftTree":
         """A chain: tokens (B, K) or (K,)."""
         if tokens.dim() == 1:
             tokens = tokens.unsqueeze(0)
             draft_probs = None if draft_probs is None else draft_probs.unsqueeze(0)
-        return cls(tokens=tokens, parents=tuple(range(-1, tokens.shape[1] - 1)), draft_probs=draft_probs)
+        return cls(tokens=tokens, parents=tuple(range(-1, tokens.shape[1] - 1)), draft_probs=draft_probs,
+                   label=label)
 
     @classmethod
     def from_paths(cls, paths: list[list[int]], tokens: torch.Tensor) -> "DraftTree":

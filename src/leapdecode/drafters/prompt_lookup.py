@@ -44,23 +44,22 @@ class PromptLookupDrafter:
             found = find_continuations(np.asarray(ctx.tokens, dtype=np.int64), self.min_ngram, self.max_ngram,
                                        budget, self.num_branches)
             return trie_from_sequences(found, min(ctx.max_tokens, self.max_nodes))
-        found = find_continuation(np.asarray(ctx.tokens, dtype=np.int64), self.min_ngram, self.max_ngram, budget,
-                                  with_length=True)
+        found = find_continuation(np.asarray(ctx.tokens, dtype=np.int64), self.min_ngram, self.max_ngram, budget)
         if found is None:
             return None
         draft, matched = found
-        tree = DraftTree.chain(torch.as_tensor(draft, dtype=torch.long))
-        tree.label = matched  # a longer match is likelier to go on (the draft cut learns how much)
-        return tree
+        # labelled with the match length: a longer match is likelier to go on (the draft cut learns how much)
+        return DraftTree.chain(torch.as_tensor(draft, dtype=torch.long), label=matched)
 
     def update(self, feedback: DraftFeedback) -> None:
         self.length.update(feedback)
 
 
-def find_continuation(tokens: np.ndarray, min_ngram: int, max_ngram: int, length: int, with_length: bool = False):
+def find_continuation(tokens: np.ndarray, min_ngram: int, max_ngram: int,
+                      length: int) -> tuple[np.ndarray, int] | None:
     """The `length` tokens (or fewer) that followed the most recent earlier occurrence of the longest
     suffix n-gram (n from max_ngram down to min_ngram), preferring an occurrence with a full-length
-    continuation; None when nothing matches. With `with_length`, (tokens, n)."""
+    continuation, and that n; None when nothing matches."""
     total = tokens.shape[0]
     for n in range(min(max_ngram, total - 1), min_ngram - 1, -1):
         suffix = tokens[total - n :]
@@ -70,7 +69,7 @@ def find_continuation(tokens: np.ndarray, min_ngram: int, max_ngram: int, length
             # most recent occurrence that still has `length` tokens after it, else the earliest one
             full = hits[hits + n + length <= total]
             start = int(full[-1] if full.size else hits[0]) + n
-            return (tokens[start : start + length], n) if with_length else tokens[start : start + length]
+            return tokens[start : start + length], n
     return None
 
 

@@ -34,8 +34,9 @@ class MultiDraftTree(DraftTree):
 
     drafts: tuple[tuple[int, ...], ...] = ()  # (k, ragged) node indices of each draft, root to leaf
 
-    def cut_after_stop(self, stop_ids) -> "MultiDraftTree":
-        """Never cut: k coinciding drafts are a chain in shape but keep the k-sequential rule."""
+    def prefix(self, n: int) -> "MultiDraftTree":
+        """Never cut (not after an end token, not by the engine's draft cut): SpecTr's k-sequential rule
+        needs the k whole drafts, also when they coincide and the tree is a chain in shape."""
         return self
 
 
