@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,11 @@ from leapdecode.bench import (
     write_plots,
     write_report,
 )
+from leapdecode.bench.questions import SPEC_BENCH_DEFAULT, SPEC_BENCH_ENV, resolve_questions_path
 from leapdecode.bench.summary import CATEGORY_KEYS, METHOD_KEYS, SUMMARY_KEYS
 from leapdecode.errors import LeapdecodeError
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC_BENCH = REPO.parent / "shared" / "spec_bench" / "question.jsonl"
 
 
 def _write_jsonl(path: Path, lines: list[str]) -> Path:
@@ -104,13 +105,44 @@ def test_project_suite_loads():
     assert all(q.reference for q in questions if q.category == "math")
 
 
-@pytest.mark.skipif(not SPEC_BENCH.is_file(), reason="Spec-Bench question.jsonl not present")
-def test_spec_bench_loads_as_is():
-    questions = load_questions(SPEC_BENCH)
+def test_spec_bench_loads_as_is(monkeypatch):
+    """Spec-Bench's question file ships with the package, with its licence and source note."""
+    monkeypatch.delenv(SPEC_BENCH_ENV, raising=False)
+    path = resolve_questions_path("spec-bench")
+    assert path == SPEC_BENCH_DEFAULT
+    assert (path.parent / "LICENSE").read_text().startswith("Apache License")
+    assert "fd2c1cd" in (path.parent / "README.md").read_text()
+    questions = load_questions(path)
     assert len(questions) == 480
     assert len({q.category for q in questions}) == 13
-    few = load_questions(SPEC_BENCH, categories=["rag", "math"], per_category=2)
+    few = load_questions(path, categories=["rag", "math"], per_category=2)
     assert [q.category for q in few].count("rag") == 2 and len(few) == 4
+
+
+def test_spec_bench_env_overrides(tmp_path, monkeypatch):
+    other = _write_jsonl(tmp_path / "q.jsonl", [_row(1, "a")])
+    monkeypatch.setenv(SPEC_BENCH_ENV, str(other))
+    assert resolve_questions_path("spec-bench") == other
+    monkeypatch.setenv(SPEC_BENCH_ENV, str(tmp_path / "missing.jsonl"))
+    with pytest.raises(LeapdecodeError, match=SPEC_BENCH_ENV):
+        resolve_questions_path("spec-bench")
+
+
+def test_spec_bench_is_package_data():
+    """pyproject's package-data covers the shipped question file (so a wheel carries it)."""
+    tomllib = pytest.importorskip("tomllib")
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = REPO / "src" / "leapdecode"
+    covered = {p for pattern in patterns["leapdecode"] for p in package.glob(pattern)}
+    for name in ("question.jsonl", "LICENSE", "README.md"):
+        assert SPEC_BENCH_DEFAULT.parent / name in covered, name
+
+
+def test_no_paths_outside_the_repository():
+    """No source file refers to folders beside the repository."""
+    for path in (REPO / "src").rglob("*.py"):
+        text = path.read_text()
+        assert "../shared" not in text and not re.search(r'/\s*"shared"', text), path
 
 
 # --- summary ---------------------------------------------------------------------------------------

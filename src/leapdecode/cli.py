@@ -235,8 +235,14 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .presets import list_presets
+    from .presets import install, list_presets
 
+    if args.names and not args.install:
+        raise LeapdecodeError("preset names are taken with --install (e.g. `leapdecode models --install gemma3-270m`)")
+    if args.install:
+        install(args.names, dry_run=args.dry_run)
+        if args.dry_run:
+            return 0
     for p in list_presets():
         print(f"{p.name:22} {'installed' if p.installed else 'not installed':14} {p.description}")
     return 0
@@ -266,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", help="list decoding methods with their promise")
     m.set_defaults(func=cmd_methods)
-    ms = sub.add_parser("models", help="list model presets and whether they are installed")
+    ms = sub.add_parser("models", help="list model presets and whether they are installed; --install installs them")
+    ms.add_argument("names", nargs="*", metavar="PRESET", help="with --install: the presets to install (default all)")
+    ms.add_argument("--install", action="store_true", help="install presets with pip (`make models` runs this)")
+    ms.add_argument("--dry-run", action="store_true", help="with --install: print the pip commands, run nothing")
     ms.set_defaults(func=cmd_models)
 
     import importlib

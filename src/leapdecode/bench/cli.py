@@ -47,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_file_flag_arguments(p)  # --skip-config, --drafter: for every method in --methods that takes them
     p.add_argument("--questions", default="suite",
                    help="Spec-Bench-style JSONL file, or 'suite' (benchmarks/suite.jsonl, the default) or "
-                   "'spec-bench' ($LEAPDECODE_SPEC_BENCH or ../shared/spec_bench/question.jsonl)")
+                   "'spec-bench' (Spec-Bench's 480 questions, shipped with leapdecode; $LEAPDECODE_SPEC_BENCH overrides)")
     p.add_argument("--categories", default=None, help="comma-separated categories to keep (default all)")
     p.add_argument("--per-category", type=int, default=None, metavar="N",
                    help="keep the first N questions of each category")

@@ -25,8 +25,9 @@ DEFAULT_SUITE = REPO_ROOT / "benchmarks" / "suite.jsonl"
 SPEC_BENCH_ENV = "LEAPDECODE_SPEC_BENCH"
 """Environment variable that may point at Spec-Bench's ``question.jsonl``."""
 
-SPEC_BENCH_DEFAULT = REPO_ROOT.parent / "shared" / "spec_bench" / "question.jsonl"
-"""Where Spec-Bench's ``question.jsonl`` is looked for when the environment variable is unset."""
+SPEC_BENCH_DEFAULT = Path(__file__).resolve().parents[1] / "data" / "spec_bench" / "question.jsonl"
+"""Spec-Bench's ``question.jsonl``, shipped with the package (Apache-2.0; source and commit in the README
+beside it); used when the environment variable is unset."""
 
 
 @dataclass
@@ -45,11 +46,13 @@ def resolve_questions_path(spec: str | os.PathLike[str]) -> Path:
     if name == "suite":
         path = DEFAULT_SUITE
     elif name in ("spec-bench", "spec_bench", "specbench"):
-        path = Path(os.environ.get(SPEC_BENCH_ENV) or SPEC_BENCH_DEFAULT)
+        override = os.environ.get(SPEC_BENCH_ENV)
+        path = Path(override).expanduser() if override else SPEC_BENCH_DEFAULT
         if not path.is_file():
+            where = f"${SPEC_BENCH_ENV} names {path}" if override else f"the packaged file {path} is missing"
             raise LeapdecodeError(
-                f"Spec-Bench questions not found at {path}; set {SPEC_BENCH_ENV} to the path of "
-                "Spec-Bench's question.jsonl (data/spec_bench/question.jsonl in its repository)"
+                f"Spec-Bench questions not found: {where}; point {SPEC_BENCH_ENV} at Spec-Bench's "
+                "question.jsonl (data/spec_bench/question.jsonl in its repository)"
             )
     else:
         path = Path(name).expanduser()
