@@ -319,7 +319,7 @@ def test_malformed_jsonl_and_bad_out_dir_are_reported_before_loading(tmp_path, m
 def test_valid_methods_are_the_registry_then_the_peers():
     names = valid_method_names()
     assert {"ar", "pld", "draft"} <= set(names)
-    assert names[-3:] == ["hf-ar", "hf-pld", "hf-assisted"]
+    assert names[-5:] == ["hf-ar", "hf-pld", "hf-assisted", "llamacpp-ar", "llamacpp-pld"]
 
 
 def test_run_benchmark_checks_methods_itself(tmp_path):

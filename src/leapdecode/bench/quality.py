@@ -189,7 +189,7 @@ def write_quality(out_dir, summary: Mapping[str, Any], records: Sequence[AnswerR
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for m, q in quality.items():
         speed = summary["methods"].get(m, {}).get("speedup")
-        promise = "lossless" if m in lossless else "lossy"
+        promise = "lossless" if m in lossless else "other runtime" if m.startswith("llamacpp-") else "lossy"
         lines.append(f"| {m} | {promise} | {_fmt(speed)} | {_fmt(q['token_agreement'])} | {_fmt(q['prefix_agreement'])} "
                      f"| {_fmt(q['rouge_l'])} | {_fmt(q['task_score'])} ({q['task_questions']} q) |")
     if plots:

@@ -38,6 +38,7 @@ from leapdecode.bench.summary import (
     write_answers,
     write_summary,
 )
+from leapdecode.bench.llamacpp_peer import LLAMACPP_METHODS, is_llamacpp, require_llamacpp
 from leapdecode.errors import InvalidSettingError, LeapdecodeError
 from leapdecode.methods import LOSSLESS, all_methods, get_method
 from leapdecode.peers import PEER_METHODS
@@ -77,8 +78,8 @@ class BenchSettings:
 
 
 def valid_method_names() -> list[str]:
-    """Engine methods (from the registry), then the transformers peers."""
-    return [spec.name for spec in all_methods()] + list(PEER_METHODS)
+    """Engine methods (from the registry), then the transformers and llama.cpp peers."""
+    return [spec.name for spec in all_methods()] + list(PEER_METHODS) + list(LLAMACPP_METHODS)
 
 
 def parse_methods(methods: str | Sequence[str]) -> list[str]:
@@ -102,12 +103,17 @@ def split_variant(method: str) -> tuple[str, dict]:
 def needs_draft(method: str) -> bool:
     """True for methods that cannot run without a draft model."""
     method = split_variant(method)[0]
-    return method == "hf-assisted" or (method not in PEER_METHODS and get_method(method).needs_draft_model)
+    if method in PEER_METHODS or method in LLAMACPP_METHODS:
+        return method == "hf-assisted"
+    return get_method(method).needs_draft_model
 
 
 def is_lossless(method: str) -> bool:
-    """Lossless engine methods, and the peers (transformers' greedy generate, exact by design)."""
+    """Lossless engine methods, and the transformers peers (greedy generate, exact by design). The llama.cpp
+    peers are not: other kernels, so their output is compared to `ar`'s by token agreement."""
     method = split_variant(method)[0]
+    if method in LLAMACPP_METHODS:
+        return False
     return method in PEER_METHODS or get_method(method).promise == LOSSLESS
 
 
@@ -144,6 +150,10 @@ def check_methods(
                 f"{', '.join(peers)} run transformers' generate() greedy only; drop them or use "
                 "--temperature 0"
             )
+        peers = [n for n in names if is_llamacpp(n)]
+        if peers:
+            raise InvalidSettingError(f"{', '.join(peers)} run llama.cpp greedy only; drop them or use --temperature 0")
+    require_llamacpp(names)  # before any model is loaded
     return names
 
 
@@ -264,9 +274,13 @@ def _peer_accept_lengths(positions: Sequence[int | None], prompt_len: int, new_t
 
 def make_runner(name: str, target, draft, settings: BenchSettings,
                 options: Mapping[str, Any] | None = None) -> MethodRunner:
-    """The runner for an engine method (``options``: extra method options) or a transformers peer."""
+    """The runner for an engine method (``options``: extra method options), a transformers or llama.cpp peer."""
     if name in PEER_METHODS:
         return PeerRunner(name, target, draft)
+    if is_llamacpp(name):
+        from leapdecode.bench.llamacpp_peer import LlamaCppRunner
+
+        return LlamaCppRunner(name, target, options)
     return EngineRunner(name, target, draft, settings, options)
 
 
