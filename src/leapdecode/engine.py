@@ -23,6 +23,7 @@ import torch
 from .draft_cut import DraftCut
 from .drafters.base import DraftContext, DraftFeedback
 from .errors import InvalidSettingError, LeapdecodeError, PromptTooLongError
+from . import kv_compress
 from .lm import CausalLM
 from .methods import MethodBuild, get_method
 from .sampling import SamplingParams, make_generator
@@ -65,7 +66,8 @@ class Decoder:
         self.target = target
         self.draft = draft
         self.method = method
-        self.lm = CausalLM(target.model)
+        self.kv = kv_compress.take_settings(options)  # kv_cache=quant|gear, kv_bits=...: lossy KV compression
+        self.lm = CausalLM(target.model, cache_factory=kv_compress.make_cache_factory(self.kv, target.model))
         self.build = MethodBuild(target=target, draft=draft, options=dict(options))
         self.drafter = self.spec.make_drafter(self.build)
         self.lm.keep_hidden = bool(getattr(self.drafter, "needs_target_hidden", False))

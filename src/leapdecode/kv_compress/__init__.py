@@ -1,0 +1,186 @@
+"""KV-cache compression (lossy): old keys and values in compressed blocks, recent tokens exact.
+
+- `quant`: per-group asymmetric quantization to 2, 4 or 8 bits (keys per channel, values per token), the
+  baseline;
+- `gear`: GEAR (Kang et al., 2024): the same quantization, plus a rank-`rank` approximation of each block's
+  quantization error per head, plus a fraction `outliers` of the entries kept exactly.
+
+Every method runs on it (`Decoder(target, method, kv_cache="gear", kv_bits=4)`, `--kv-cache gear --kv-bits 4`):
+the last `window`+ tokens stay exact, so speculative rollbacks touch only exact data, and passes are cut where
+the cache's view changes (passes.py), so a lossless method on a compressed cache gives the tokens `ar` gives on
+that same cache. Compared with the uncompressed cache the output may differ: the compression is lossy.
+`hf-quanto` (transformers' `QuantizedCache`, optimum-quanto backend; optional) is a peer for the perplexity
+command only (it cannot roll back).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import partial
+
+import torch
+
+from ..errors import InvalidSettingError
+from .cache import CompressedCache, CompressedLayer, KVRollbackError
+from .codec import BlockCodec, Blocks
+
+__all__ = ["KVSettings", "CompressedCache", "CompressedLayer", "KVRollbackError", "BlockCodec", "Blocks",
+           "make_cache", "make_cache_factory", "take_settings", "kv_bytes", "KINDS", "ENGINE_KINDS"]
+
+ENGINE_KINDS = ("none", "quant", "gear")  # usable by every decoding method
+KINDS = ENGINE_KINDS + ("hf-quanto",)  # hf-quanto: perplexity only
+
+# option names, as Decoder keywords / method options (kv_cache=..., kv_bits=...)
+OPTIONS = {"kv_cache": "kind", "kv_bits": "bits", "kv_rank": "rank", "kv_outliers": "outliers",
+           "kv_window": "window", "kv_block": "block", "kv_group": "group"}
+
+
+@dataclass(frozen=True)
+class KVSettings:
+    """What KV cache a model runs on. `window`: tokens always seen exactly (at least the longest draft);
+    `block`: tokens compressed together; `group`: value channels per quantization group."""
+
+    kind: str = "none"
+    bits: int = 4
+    rank: int = 2
+    outliers: float = 0.01
+    window: int = 64
+    block: int = 64
+    group: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InvalidSettingError(f"kv_cache must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.bits not in (2, 4, 8):
+            raise InvalidSettingError(f"kv_bits must be 2, 4 or 8, got {self.bits!r}")
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise InvalidSettingError(f"kv_rank must be a non-negative integer, got {self.rank!r}")
+        if not 0.0 <= float(self.outliers) < 0.5:
+            raise InvalidSettingError(f"kv_outliers must be a fraction in [0, 0.5), got {self.outliers!r}")
+        for name in ("window", "block", "group"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidSettingError(f"kv_{name} must be a positive integer, got {value!r}")
+        if self.block % (8 // self.bits):
+            raise InvalidSettingError(f"kv_block must be a multiple of {8 // self.bits} at {self.bits} bits")
+
+    @property
+    def lossless(self) -> bool:
+        return self.kind == "none"
+
+    @property
+    def label(self) -> str:
+        """A short name for tables: none, quant-4, gear-4 (r2, s0.01), ..."""
+        if self.kind == "none":
+            return "none"
+        if self.kind == "gear":
+            return f"gear-{self.bits} (r{self.rank}, s{self.outliers:g})"
+        return f"{self.kind}-{self.bits}"
+
+
+def take_settings(options: dict) -> KVSettings | None:
+    """Pop the kv_* keys out of a method-options dict; None when they ask for no compression."""
+    given = {OPTIONS[k]: options.pop(k) for k in list(options) if k in OPTIONS}
+    kind = given.get("kind") or "none"
+    if kind == "none":
+        extra = sorted(k for k in given if k != "kind")
+        if extra:
+            raise InvalidSettingError(f"kv_{extra[0]} is an option of a compressed KV cache: give kv_cache=quant|gear")
+        return None
+    settings = KVSettings(**given)
+    if settings.kind not in ENGINE_KINDS:
+        raise InvalidSettingError(f"kv_cache={settings.kind} is for `leapdecode perplexity` only (it cannot roll "
+                                  f"back a draft); decoding takes {', '.join(ENGINE_KINDS)}")
+    return settings
+
+
+def make_cache(settings: KVSettings | None = None, config=None):
+    """A fresh cache for one sequence: transformers' `DynamicCache` for none, `CompressedCache` for quant/gear,
+    transformers' `QuantizedCache` (quanto backend, needs `config` and optimum-quanto) for hf-quanto."""
+    from transformers import DynamicCache
+
+    if settings is None or settings.kind == "none":
+        return DynamicCache()
+    if settings.kind == "hf-quanto":
+        from transformers import QuantizedCache
+
+        if config is None:
+            raise InvalidSettingError("kv_cache=hf-quanto needs the model's config")
+        if settings.bits not in (2, 4):
+            raise InvalidSettingError("kv_cache=hf-quanto takes kv_bits 2 or 4")
+        try:
+            return QuantizedCache("quanto", config, nbits=settings.bits, q_group_size=settings.group,
+                                  residual_length=settings.window)
+        except ImportError as err:
+            raise InvalidSettingError(f"kv_cache=hf-quanto needs optimum-quanto (pip install optimum-quanto): "
+                                      f"{err}") from None
+    return CompressedCache(settings.kind, settings.bits, settings.rank, settings.outliers, settings.window,
+                           settings.block, settings.group)
+
+
+def make_cache_factory(settings: KVSettings | None, model=None):
+    """For `CausalLM(model, cache_factory=...)`: None (the plain cache) when `settings` asks for none."""
+    if settings is None or settings.kind == "none":
+        return None
+    return partial(make_cache, settings, getattr(model, "config", None))
+
+
+def _tensor_bytes(t) -> int:
+    if not isinstance(t, torch.Tensor):
+        if isinstance(t, (tuple, list)):
+            return sum(_tensor_bytes(x) for x in t)
+        if isinstance(t, dict):
+            return sum(_tensor_bytes(x) for x in t.values())
+        return 0
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):  # quanto's packed tensors
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def kv_bytes(cache) -> int:
+    """Bytes the cache holds: the sum of its stored tensors' sizes (compressed blocks, exact window, scales,
+    low-rank factors, outliers; for transformers' caches their key/value tensors)."""
+    if cache is None:
+        return 0
+    if isinstance(cache, CompressedCache):
+        return cache.nbytes
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
+            total += _tensor_bytes(getattr(layer, name, None))
+    return total
+
+
+def settings_from_args(args) -> KVSettings | None:
+    """KVSettings from the --kv-* command-line arguments (see `add_arguments`); None for --kv-cache none."""
+    if getattr(args, "kv_cache", "none") in (None, "none"):
+        return None
+    base = KVSettings(kind=args.kv_cache, bits=args.kv_bits)
+    changes = {k: getattr(args, f"kv_{k}") for k in ("rank", "outliers", "window", "block")
+               if getattr(args, f"kv_{k}", None) is not None}
+    return replace(base, **changes)
+
+
+def options_from_args(args) -> dict:
+    """The --kv-* arguments as Decoder keywords (empty for --kv-cache none)."""
+    s = settings_from_args(args)
+    if s is None:
+        return {}
+    return {"kv_cache": s.kind, "kv_bits": s.bits, "kv_rank": s.rank, "kv_outliers": s.outliers,
+            "kv_window": s.window, "kv_block": s.block}
+
+
+def add_arguments(p, kinds=ENGINE_KINDS) -> None:
+    """--kv-cache, --kv-bits, --kv-rank, --kv-outliers, --kv-window, --kv-block."""
+    d = KVSettings()
+    p.add_argument("--kv-cache", default="none", choices=kinds,
+                   help="KV-cache compression (lossy): quant = per-group quantization, gear = quantization + "
+                   "low-rank error + exact outliers (default none)")
+    p.add_argument("--kv-bits", type=int, default=d.bits, choices=(2, 4, 8), help=f"bits per entry (default {d.bits})")
+    p.add_argument("--kv-rank", type=int, default=None, help=f"gear: rank of the error per head and block "
+                   f"(default {d.rank})")
+    p.add_argument("--kv-outliers", type=float, default=None, help=f"gear: fraction of entries kept exactly "
+                   f"(default {d.outliers})")
+    p.add_argument("--kv-window", type=int, default=None, help=f"recent tokens always exact, at least the longest "
+                   f"draft (default {d.window})")
+    p.add_argument("--kv-block", type=int, default=None, help=f"tokens compressed together (default {d.block})")

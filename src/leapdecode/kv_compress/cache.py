@@ -1,0 +1,227 @@
+"""A compressed KV cache for transformers models: old tokens in compressed blocks, recent ones exact.
+
+`CompressedCache` is a transformers `Cache` (one `CompressedLayer` per model layer, created lazily, each keeping
+the whole sequence; sliding-window layers get their window from the attention mask, as the project's plain
+cache does). What a query at position p sees is a function of p only:
+
+    positions [0, C(p)) come from compressed blocks, [C(p), p) are exact,
+    C(p) = block * max(0, (p - window) // block)
+
+so every query sees at least the last `window` tokens exactly (GEAR's streaming buffer), and the cache view
+changes only at positions window + k * block. One-token decoding sees exactly this; a pass that feeds several
+tokens across such a position is split there by `passes.py` (the CausalLM does it), so speculative decoding on
+this cache gives the tokens plain decoding on this cache gives.
+
+Storage: compressed blocks for [0, C_stored) and an exact buffer for [E, length) with E <= C_stored: a block
+compressed while a pass was split keeps its exact copy until the next pass starts (the pass may still be rolled
+back to before the position where the view changed). Rollback (`crop_to`, `keep`) works inside the exact
+buffer; reaching into compressed blocks raises `KVRollbackError`. The window must therefore be at least the
+depth of the longest draft (the default 64 is).
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ..errors import LeapdecodeError
+from .codec import BlockCodec, Blocks
+
+
+class KVRollbackError(LeapdecodeError):
+    """A rollback reached into the compressed part of a compressed KV cache."""
+
+
+class _View:
+    """State shared by a cache and its layers: the position whose view a continued (split) pass must see."""
+
+    def __init__(self) -> None:
+        self.position: int | None = None
+
+
+class CompressedLayer(DynamicLayer):
+    is_croppable = False  # transformers' own crop(): use `crop_to` / `keep`, which check the window
+
+    def __init__(self, key_codec: BlockCodec, value_codec: BlockCodec, window: int, block: int, view: _View):
+        super().__init__()
+        self.key_codec, self.value_codec = key_codec, value_codec
+        self.window, self.block, self._view = window, block, view
+        self.key_blocks: Blocks | None = None
+        self.value_blocks: Blocks | None = None
+        self.exact_start = 0  # E: the absolute position of keys[..., 0, :]
+
+    # ----- sizes -------------------------------------------------------------------------------------------
+    @property
+    def compressed_length(self) -> int:
+        return 0 if self.key_blocks is None else self.key_blocks.count * self.block
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.exact_start + self.keys.shape[-2]
+
+    def view_length(self, position: int) -> int:
+        """C(p): how many leading positions a query at `position` sees through compressed blocks."""
+        return self.block * max(0, (position - self.window) // self.block)
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for blocks in (self.key_blocks, self.value_blocks):
+            if blocks is not None:
+                total += blocks.nbytes
+        if self.is_initialized:
+            total += self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return total
+
+    # ----- update --------------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        self.is_initialized = True
+
+    def _compress_to(self, length: int) -> None:
+        while self.compressed_length < length:
+            start = self.compressed_length - self.exact_start
+            if start < 0:
+                raise KVRollbackError("compressed KV cache: the exact copy of a block to compress is gone")
+            k = self.keys[..., start:start + self.block, :]
+            v = self.values[..., start:start + self.block, :]
+            kb, vb = self.key_codec.compress(k), self.value_codec.compress(v)
+            self.key_blocks = kb if self.key_blocks is None else self.key_blocks.cat(kb)
+            self.value_blocks = vb if self.value_blocks is None else self.value_blocks.cat(vb)
+
+    def _trim_to(self, length: int) -> None:
+        """Drop the exact copy of positions before `length` (they are compressed)."""
+        drop = length - self.exact_start
+        if drop > 0:
+            self.keys = self.keys[..., drop:, :]
+            self.values = self.values[..., drop:, :]
+            self.exact_start = length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        continued = self._view.position is not None  # a later part of a split pass: it may still be rolled back
+        view = self.view_length(self._view.position if continued else length)
+        self._compress_to(view)
+        if not continued:  # a new pass: rollbacks stay at or after `length`, so views stay at or after `view`
+            self._trim_to(view)
+        if view < self.exact_start:
+            raise KVRollbackError(f"compressed KV cache: a view of {view} compressed positions needs exact data "
+                                  f"from position {view}, kept from {self.exact_start}")
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        skip = view - self.exact_start
+        if view == 0:
+            return self.keys[..., skip:, :], self.values[..., skip:, :]
+        t, d = self.block, key_states.shape[-1]
+        keys = self.key_codec.decompress(self.key_blocks, t, d, key_states.dtype, view // t)
+        values = self.value_codec.decompress(self.value_blocks, t, value_states.shape[-1], value_states.dtype,
+                                             view // t)
+        return (torch.cat([keys, self.keys[..., skip:, :]], dim=-2),
+                torch.cat([values, self.values[..., skip:, :]], dim=-2))
+
+    # ----- rollback ------------------------------------------------------------------------------------------
+    def _check(self, length: int, what: str) -> None:
+        if length < self.compressed_length:
+            raise KVRollbackError(
+                f"compressed KV cache: cannot {what} to position {length}, positions before "
+                f"{self.compressed_length} are compressed (the exact window holds the last {self.window}+ tokens; "
+                f"drafts must not be deeper than the window: raise kv_window)")
+
+    def crop_to(self, length: int) -> None:
+        if not self.is_initialized or length >= self.get_seq_length():
+            return
+        self._check(length, "roll back")
+        self.keys = self.keys[..., :length - self.exact_start, :]
+        self.values = self.values[..., :length - self.exact_start, :]
+
+    def keep(self, start: int, positions: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        self._check(start, "compact")
+        rel = positions.to(self.keys.device) - self.exact_start
+        head = start - self.exact_start
+        self.keys = torch.cat([self.keys[..., :head, :], self.keys.index_select(-2, rel)], dim=-2)
+        self.values = torch.cat([self.values[..., :head, :], self.values.index_select(-2, rel)], dim=-2)
+
+    def crop(self, tokens_to_remove: int) -> None:  # transformers' API: a negative count of tokens to drop
+        if tokens_to_remove < 0:
+            self.crop_to(self.get_seq_length() + tokens_to_remove)
+        elif tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.key_blocks = self.value_blocks = None
+        self.exact_start = 0
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a compressed KV cache holds one batch as it was filled")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a compressed KV cache holds one batch as it was filled")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("a compressed KV cache does not support beam search")
+
+
+class CompressedCache(Cache):
+    """Keys and values older than the window in compressed blocks ("quant": per-group quantization; "gear":
+    quantization + low-rank error + exact outliers). Lossy: the model sees approximate old keys and values."""
+
+    def __init__(self, kind: str, bits: int, rank: int = 0, outliers: float = 0.0, window: int = 64,
+                 block: int = 64, group: int = 64):
+        if kind not in ("quant", "gear"):
+            raise ValueError(f"kind must be quant or gear, got {kind!r}")
+        if window < 1 or block < 1:
+            raise ValueError("window and block must be positive")
+        if kind == "quant":
+            rank, outliers = 0, 0.0
+        self.kind, self.bits, self.rank, self.outliers = kind, bits, rank, outliers
+        self.window, self.block, self.group = window, block, group
+        self._view = _View()
+        codecs = [BlockCodec(k, bits, group, rank, outliers) for k in ("key", "value")]
+        view = self._view
+
+        def layer() -> CompressedLayer:
+            return CompressedLayer(codecs[0], codecs[1], window, block, view)
+
+        super().__init__(layer_class_to_replicate=layer)
+
+    def __repr__(self) -> str:
+        return (f"CompressedCache({self.kind}, bits={self.bits}, rank={self.rank}, outliers={self.outliers}, "
+                f"window={self.window}, block={self.block})")
+
+    # the CausalLM's operations (kv_cache.py dispatches here)
+    def crop_to(self, length: int) -> None:
+        for layer in self.layers:
+            layer.crop_to(length)
+
+    def keep(self, start: int, positions) -> None:
+        index = torch.as_tensor(positions, dtype=torch.long)
+        for layer in self.layers:
+            layer.keep(start, index)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    # pass splitting (passes.py)
+    def view_changes(self, start: int, end: int) -> list[int]:
+        """The positions p in (start, end) where a query's view differs from the one at p - 1."""
+        first = max(start + 1, self.window + self.block)
+        offset = (first - self.window) % self.block
+        if offset:
+            first += self.block - offset
+        return list(range(first, end, self.block))
+
+    def view_length(self, position: int) -> int:
+        return self.block * max(0, (position - self.window) // self.block)
+
+    def continue_at(self, position: int | None) -> None:
+        """Mark the next update as the part of a split pass whose first query is at `position` (None: done)."""
+        self._view.position = position
