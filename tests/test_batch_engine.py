@@ -9,7 +9,8 @@ import torch
 from transformers import DynamicCache
 
 from leapdecode import Decoder, DraftTree, SamplingParams
-from leapdecode.batch_engine import BatchEngine, verify_ragged
+from leapdecode.batching import BatchEngine
+from leapdecode.step import verify_rows
 from leapdecode.engine import _settings
 from leapdecode.verifiers import verify
 from conftest import tiny_loaded
@@ -39,7 +40,7 @@ def test_ragged_verifier_equals_per_sequence_verification(seed, temperature):
     params = [SamplingParams(temperature=temperature if b % 2 else 0.0, top_p=0.95) for b in range(len(trees))]
     gens = [torch.Generator().manual_seed(100 + b) for b in range(len(trees))]
     ref_gens = [torch.Generator().manual_seed(100 + b) for b in range(len(trees))]
-    verdict = verify_ragged(trees, logits, params, gens)
+    verdict = verify_rows(trees, logits, params, gens)
     for b, tree in enumerate(trees):
         alone = verify(tree, logits[b : b + 1, : tree.size + 1], params[b], ref_gens[b])
         assert verdict.accepted_nodes[b] == alone.accepted_nodes[0]
@@ -47,20 +48,20 @@ def test_ragged_verifier_equals_per_sequence_verification(seed, temperature):
         assert len(verdict.accepted_nodes[b]) <= tree.size
 
 
-def _mixed_engine(arch: str, max_batch_size: int, compact_slack: int, adaptive_width: bool = False):
+def _mixed_engine(arch: str, max_batch_size: int, compact_slack: int, fit_width: bool = False):
     target = tiny_loaded(arch, scale=6.0)
     draft = tiny_loaded(arch, seed=1, scale=6.0, layers=1)
     methods = {"ar": {}, "pld": {}, "draft": {"num_draft_tokens": 4}}
     engine = BatchEngine(target, methods, draft=draft, max_batch_size=max_batch_size, compact_slack=compact_slack,
-                         adaptive_width=adaptive_width)
+                         fit_width=fit_width)
     return target, engine
 
 
-@pytest.mark.parametrize("max_batch_size,compact_slack,adaptive_width", [(4, 0, False), (8, 16, False), (4, 0, True)])
-def test_greedy_outputs_equal_decoding_alone(arch, max_batch_size, compact_slack, adaptive_width):
+@pytest.mark.parametrize("max_batch_size,compact_slack,fit_width", [(4, 0, False), (8, 16, False), (4, 0, True)])
+def test_greedy_outputs_equal_decoding_alone(arch, max_batch_size, compact_slack, fit_width):
     """Mixed methods and lengths, requests joining mid-run and waiting for a slot, prompts of one token;
     with every drafted token verified (fixed width) and with the cost-aware width (drafts cut per step)."""
-    target, engine = _mixed_engine(arch, max_batch_size, compact_slack, adaptive_width)
+    target, engine = _mixed_engine(arch, max_batch_size, compact_slack, fit_width)
     prompts = random_prompts(2, n=8) + [[5], [7, 7]]
     methods = ["ar", "pld", "draft"]
     jobs = []
@@ -78,7 +79,7 @@ def test_greedy_outputs_equal_decoding_alone(arch, max_batch_size, compact_slack
         assert handle.result.stats.stop_reason == "max_new_tokens"
     assert engine.metrics.requests_finished == len(jobs)
     assert engine.metrics.mean_batch_size > 1.5
-    if not adaptive_width:
+    if not fit_width:
         assert engine.metrics.mean_accepted > 1.0  # pld and draft accepted something
 
 
@@ -142,29 +143,6 @@ def test_stops_match_decoder_and_cancel_frees_the_slot():
     assert engine.rows == [] and engine.cache.width == 0
 
 
-def test_draft_width_follows_acceptance_and_cost():
-    from leapdecode.draft_budget import RowAcceptance, StepCostModel, choose_width
-
-    free, dear = (1.0, 0.0), (0.0, 1.0)
-    assert choose_width([0.9, 0.9], [6, 4], rows=2, cost=free) == 6  # extra positions cost nothing: draft all
-    assert choose_width([0.9, 0.9], [6, 4], rows=2, cost=dear) == 0  # cost is all per position: only sure drafts pay
-    assert choose_width([0.2, 0.3], [5, 5], rows=4, cost=(1.0, 0.3)) == 0  # unlikely drafts in a full batch
-    assert 1 <= choose_width([0.95], [8], rows=1, cost=(1.0, 0.1)) <= 8
-    assert choose_width([0.9], [0], rows=1, cost=free) == 0
-    row = RowAcceptance()
-    for _ in range(20):
-        row.update(proposed=4, accepted=4)
-    assert row.rate > 0.9
-    for _ in range(20):
-        row.update(proposed=4, accepted=0)
-    assert row.rate < 0.35  # recent rejections outweigh the older accepts
-    costs = StepCostModel()
-    for n in (1, 2, 4, 8, 3, 6) * 3:
-        costs.observe(n, 0.02 + 0.005 * n)
-    t0, t1 = costs.coefficients()
-    assert abs(t0 - 0.02) < 1e-6 and abs(t1 - 0.005) < 1e-6
-
-
 @pytest.mark.parametrize("kind", ["medusa", "hydra", "hydra++", "falcon"])
 def test_feature_drafters_draft_and_equal_decoding_alone(kind, tmp_path):
     """Trained drafters read the target's final hidden states from the batched pass: they draft (trees), and
@@ -175,7 +153,7 @@ def test_feature_drafters_draft_and_equal_decoding_alone(kind, tmp_path):
     target = tiny_loaded("llama", scale=3.0)
     method, options = kind_of(kind), {"drafter": str(fresh_drafter(kind, target, tmp_path / kind)), **OPTIONS[kind]}
     engine = BatchEngine(target, {"ar": {}, method: options}, max_batch_size=4, step_draft_budget=64,
-                         adaptive_width=False)  # every row keeps its whole tree: the same drafts as alone
+                         fit_width=False)  # every row keeps its whole tree: the same drafts as alone
     jobs = []
     for i, prompt in enumerate(random_prompts(5, n=4)):
         kw = dict(max_new_tokens=20, temperature=0.8, seed=5) if i == 2 else dict(max_new_tokens=20)
@@ -216,7 +194,7 @@ def test_a_failing_row_fails_alone():
     its error; no orphan cache row is left, and the other rows' output equals decoding alone."""
     import math
 
-    from leapdecode.batch_engine import SequenceHandle, _Pending
+    from leapdecode.batching.requests import Pending, SequenceHandle
     from leapdecode.engine import GenerationSettings
 
     target = tiny_loaded("llama", scale=6.0)
@@ -232,7 +210,7 @@ def test_a_failing_row_fails_alone():
     assert len(engine.rows) == engine.cache.rows == 3
     next(r for r in engine.rows if r.handle is broken).drafter.propose = lambda ctx: 1 / 0
     orphan = SequenceHandle(-1, None)  # past submit's check, as a request that fails while joining
-    engine._waiting.append(_Pending(orphan, prompts[2], "pld", _settings(max_new_tokens=20, seed=2**70)))
+    engine._waiting.append(Pending(orphan, prompts[2], "pld", _settings(max_new_tokens=20, seed=2**70)))
     good.append(engine.submit(prompts[2], "ar", _settings(max_new_tokens=20)))
     engine.step()
     assert "ZeroDivisionError" in broken.error and "Overflow" in orphan.error

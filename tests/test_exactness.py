@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 import leapdecode
 from leapdecode import Decoder, DraftTree
-from leapdecode.drafters.base import DraftContext, DraftFeedback
+from leapdecode.drafters.base import DraftContext, DraftFeedback, Drafter
 from leapdecode.errors import InvalidSettingError
 from conftest import ARCHITECTURES, tiny_loaded
 
@@ -81,7 +81,7 @@ def test_stop_token_ends_generation_identically(arch):
         assert out.stats.stop_reason == "eos"
 
 
-class ScriptedDrafter:
+class ScriptedDrafter(Drafter):
     """Knows the reference output; proposes a tree whose correct path is cut at a scripted point and
     checks, before each proposal, that the target cache equals plain decoding's cache of the same text."""
 

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
-import leapdecode.engine as engine
+import leapdecode.step as step
 from leapdecode import Decoder, SamplingParams
 from leapdecode.sampling import probs_from_logits, sample
 from leapdecode.verifiers import Verdict, verify
@@ -112,7 +112,7 @@ def test_sampling_matches_target_distribution(models, method, params):
 def test_wrong_sampler_is_caught(models, method, monkeypatch):
     target, draft = models
     params = SETTINGS[0]
-    monkeypatch.setattr(engine, "verify", wrong_verify)
+    monkeypatch.setattr(step, "verify", wrong_verify)
     extra = {"confidence_threshold": 0.0} if method == "draft" else {}  # always draft 2 tokens: more to catch
     decoder = Decoder(target, method, draft=draft if method == "draft" else None, num_draft_tokens=2, adaptive=False,
                       **extra)

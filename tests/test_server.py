@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from leapdecode import Decoder
-from leapdecode.batch_engine import BatchEngine
+from leapdecode.batching import BatchEngine
 from leapdecode.server import BackgroundServer, ServerConfig, create_app
 from conftest import tiny_loaded
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from leapdecode.batch_engine import BatchEngine
+from leapdecode.batching import BatchEngine
 from leapdecode.server import BackgroundServer, ServerConfig, create_app
 from conftest import tiny_loaded
 

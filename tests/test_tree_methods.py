@@ -9,8 +9,9 @@ from collections import Counter
 import pytest
 import torch
 
-import leapdecode.engine as engine
+import leapdecode.step as step
 from leapdecode import Decoder, SamplingParams, get_method
+from leapdecode.drafters.base import Drafter
 from leapdecode.errors import InvalidSettingError
 from conftest import tiny_loaded
 from test_exactness import random_prompts
@@ -24,11 +25,12 @@ RUNS = 1000  # enough well-filled cells (>= 26 with p >= 5/RUNS) for the chi-squ
 TREE_PROMPT = [1, 2, 3, 1, 2, 4, 1, 2, 5, 6, 1, 2]
 
 
-class BranchCounter:
+class BranchCounter(Drafter):
     """Wraps a drafter and counts proposals that branch (so the tests cover real trees)."""
 
     def __init__(self, inner):
         self.inner, self.branching, self.proposals = inner, 0, 0
+        self.cuttable = inner.cuttable
 
     def begin(self, prompt, params):
         self.inner.begin(prompt, params)
@@ -142,6 +144,6 @@ def test_sampling_matches_target_distribution(models, method, params):
 
 def test_wrong_tree_sampler_is_caught(models, monkeypatch):
     params = SamplingParams(temperature=1.0)
-    monkeypatch.setattr(engine, "verify", lambda tree, logits, p, g: wrong_tree_verify(tree, logits, p, g))
+    monkeypatch.setattr(step, "verify", lambda tree, logits, p, g: wrong_tree_verify(tree, logits, p, g))
     counts = sampled(tree_decoder(models, "stand"), params, runs=RUNS)
     assert chi_square_pvalue(counts, exact_distribution(models[0], TREE_PROMPT, params), RUNS) < 1e-6

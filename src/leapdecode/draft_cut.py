@@ -1,5 +1,5 @@
-"""Cost-aware draft size for one sequence under greedy decoding (lossless: it only decides how much of a
-draft the target verifies; greedy output does not depend on that).
+"""The width policy: how much of each greedy draft the target verifies (lossless: greedy output does not
+depend on it). One `DraftCut` serves a `Decoder` (one sequence) or a batch engine (many).
 
 A verification pass over more tokens costs more: unevenly on a CPU (SmolLM2-135M on two cores, after a
 300-token prompt: 1 token 32.5 ms, 3 tokens 39.4, 4 tokens 50.8, 17 tokens about 69), and almost nothing
@@ -20,6 +20,11 @@ Pass times are a running mean per width; a width not yet measured is interpolate
 assumed no dearer than the widest one measured (nor any width dearer than a wider one), and a short ladder
 of widths is tried at steps after a missed draft (once, then again every 64 such steps), so that the small
 ones are measured too.
+
+In a batch of B sequences, one n is chosen for the pass: each cuttable draft keeps its first min(n, size)
+nodes, E[tokens](n) sums over the sequences (each its own accept rates, a `DraftHistory`), and seconds(n) is
+the measured time of a pass over B x (1 + max(n, the widest uncut draft)) positions, the padded batch the
+target really computes. A single sequence is the batch of one, where this is the rule above.
 """
 from __future__ import annotations
 
@@ -90,51 +95,25 @@ def _slots(tree: DraftTree, hot: bool) -> list[tuple[int, bool, int, int]]:
     return slots
 
 
-class DraftCut:
-    """Chooses how many of a draft tree's nodes to verify, and learns from what each step committed."""
+@dataclass
+class DraftHistory:
+    """What the cut learns from one sequence's drafts: accept rates per slot (`rates`, which the sequences of
+    one method may share) and whether its last draft matched at least its first token (`hot`)."""
 
-    def __init__(self) -> None:
-        self.rates = AcceptRates()
-        self.costs = PassCosts()
-        self.overhead: float | None = None  # running mean of a step's seconds outside the pass (drafting)
-        self.hot = False  # whether the last step's draft matched at least its first token
-        self.fresh: set[int] = set()  # widths measured since the ladder last started
-        self.cold_steps = 0
+    rates: AcceptRates = field(default_factory=AcceptRates)
+    hot: bool = False
 
-    def choose(self, tree: DraftTree) -> int:
-        """The number of leading nodes to keep (all of them until pass times are known)."""
-        n_all = tree.size
-        if not self.hot:  # measure the ladder's small widths where a draft is least likely to pay anyway
-            self.cold_steps += 1
-            if self.cold_steps % _REMEASURE == 0:  # and again now and then: widths seldom kept go stale
-                self.fresh.clear()
-            unmeasured = [w - 1 for w in _LADDER if w - 1 <= n_all and w not in self.fresh]
-            if unmeasured:
-                return unmeasured[0]
+    def reach(self, tree: DraftTree) -> list[float]:
+        """Each node's chance of being accepted: the product of the slot rates along its path."""
         slots, parents = _slots(tree, self.hot), tree.parents
         reach: list[float] = []
-        gain, best_n, best = 1.0, 0, -1.0
-        for n in range(n_all + 1):
-            seconds = self.costs.estimate(n + 1)
-            if seconds is None:
-                return n_all
-            seconds += self.overhead or 0.0
-            if gain / seconds > best * (1 + 1e-9):
-                best_n, best = n, gain / seconds
-            if n < n_all:
-                p = (1.0 if parents[n] == -1 else reach[parents[n]]) * self.rates.rate(slots[n])
-                reach.append(p)
-                gain += p
-        return best_n
+        for n in range(tree.size):
+            reach.append((1.0 if parents[n] == -1 else reach[parents[n]]) * self.rates.rate(slots[n]))
+        return reach
 
-    def observe(self, proposed: DraftTree, committed: list[int], width: int, seconds: float,
-                overhead: float) -> None:
-        """`proposed`: the drafter's whole tree; `committed`: the accepted tokens plus the target's own
-        (the target's next token after the root and after each accepted node); `width`: positions fed;
-        `seconds`: the pass and its verification; `overhead`: the step's other seconds (drafting)."""
-        self.costs.observe(width, seconds)
-        self.fresh.add(width)
-        self.overhead = overhead if self.overhead is None else 0.8 * self.overhead + 0.2 * overhead
+    def observe(self, proposed: DraftTree, committed: list[int]) -> None:
+        """`proposed`: the drafter's whole tree (before any cut); `committed`: the accepted tokens plus the
+        target's own (the target's next token after the root and after each accepted node)."""
         if proposed.size == 0:
             self.hot = False
             return
@@ -153,3 +132,47 @@ class DraftCut:
                 return
             self.hot = True
             at, depth = hit + 1, depth + 1
+
+
+class DraftCut:
+    """Chooses how many of the drafts' nodes a pass verifies, from pass times it measures."""
+
+    def __init__(self) -> None:
+        self.costs = PassCosts()
+        self.overhead: float | None = None  # running mean of a step's seconds outside the pass (drafting)
+        self.fresh: set[int] = set()  # widths (positions) measured since the ladder last started
+        self.cold_steps = 0
+
+    def choose(self, trees: list[DraftTree], histories: list[DraftHistory], rows: int = 1, fixed: int = 0) -> int:
+        """The number n of leading nodes each of `trees` keeps (all of them until pass times are known), in a
+        pass over `rows` sequences whose other drafts (not cut) have up to `fixed` nodes."""
+        n_all = max(tree.size for tree in trees)
+
+        def positions(n: int) -> int:
+            return rows * (1 + max(n, fixed))
+
+        if not any(h.hot for h in histories):  # measure the ladder's small widths where drafts pay least anyway
+            self.cold_steps += 1
+            if self.cold_steps % _REMEASURE == 0:  # and again now and then: widths seldom kept go stale
+                self.fresh.clear()
+            unmeasured = [w - 1 for w in _LADDER if w - 1 <= n_all and positions(w - 1) not in self.fresh]
+            if unmeasured:
+                return unmeasured[0]
+        reach = [h.reach(tree) for tree, h in zip(trees, histories)]
+        gain, best_n, best = float(rows), 0, -1.0  # every sequence commits the target's own token
+        for n in range(n_all + 1):
+            seconds = self.costs.estimate(positions(n))
+            if seconds is None:
+                return n_all
+            seconds += self.overhead or 0.0
+            if gain / seconds > best * (1 + 1e-9):
+                best_n, best = n, gain / seconds
+            gain += sum(r[n] for r in reach if n < len(r))
+        return best_n
+
+    def observe(self, positions: int, seconds: float, overhead: float) -> None:
+        """`positions`: tokens the pass fed (rows x width); `seconds`: the pass and its verification;
+        `overhead`: the step's other seconds (drafting)."""
+        self.costs.observe(positions, seconds)
+        self.fresh.add(positions)
+        self.overhead = overhead if self.overhead is None else 0.8 * self.overhead + 0.2 * overhead

@@ -8,16 +8,16 @@ from __future__ import annotations
 import torch
 
 from . import kv_cache
+from .masks import attention_masks
 from .tree import DraftTree
 
 
 class CausalLM:
     """One sequence batch decoding with one model; owns the cache (batch, heads, seq, head_dim)."""
 
-    def __init__(self, model: torch.nn.Module, cache_factory=None):
+    def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.cache_factory = cache_factory or kv_cache.new_cache  # kv_compress.make_cache_factory: compressed
-        self.cache = self.cache_factory()
+        self.cache = kv_cache.new_cache()
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         types = getattr(cfg, "layer_types", None) or []
         self.sliding_window = getattr(cfg, "sliding_window", None) if "sliding_attention" in types else None
@@ -32,7 +32,7 @@ class CausalLM:
         self.last_hidden: torch.Tensor | None = None
 
     def reset(self) -> None:
-        self.cache = self.cache_factory()
+        self.cache = kv_cache.new_cache()
         self.forward_passes = 0
 
     @property
@@ -41,10 +41,6 @@ class CausalLM:
 
     def forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """Append `ids` (B, T) after the cache, causally; return logits (B, T or logits_to_keep, V)."""
-        if kv_cache.splits_passes(self.cache):  # a compressed cache: one call per view it gives
-            logits = kv_cache.split_passes().forward(self, ids, logits_to_keep)
-            if logits is not None:
-                return logits
         out = self.model(
             input_ids=ids.to(self.device), cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep,
             **self._hidden_kwargs(),
@@ -56,10 +52,6 @@ class CausalLM:
     def forward_hidden(self, ids: torch.Tensor, keep: int = 1) -> torch.Tensor:
         """Like `forward`, but stop before the LM head: the final (post-norm) hidden states of the last
         `keep` positions (B, keep, H), for callers that apply their own head (a draft vocabulary)."""
-        if kv_cache.splits_passes(self.cache):
-            hidden = kv_cache.split_passes().forward(self, ids, hidden_only=keep)
-            if hidden is not None:
-                return hidden
         out = self.model.get_decoder()(input_ids=ids.to(self.device), cache=self.cache, use_cache=True)
         self.forward_passes += 1
         return out.last_hidden_state[:, -keep:]
@@ -96,10 +88,6 @@ class CausalLM:
             full[lead:, :lead] = True
             full[lead:, lead:] = ancestors
             ancestors, depths = full, torch.cat([torch.arange(lead), lead + depths])
-        if kv_cache.splits_passes(self.cache):
-            logits = kv_cache.split_passes().score_tree(self, ids, ancestors, depths, past, tree.size + 1)
-            if logits is not None:
-                return logits
         positions = (past + depths).unsqueeze(0).expand(ids.shape[0], -1)
         mask = self._tree_mask(ancestors, past, positions[0], ids.shape[0])
         out = self.model(
@@ -116,15 +104,10 @@ class CausalLM:
         return out.logits
 
     def _tree_mask(self, ancestors: torch.Tensor, past: int, positions: torch.Tensor, batch: int):
-        q = ancestors.shape[0]
-        full = torch.ones(q, past + q, dtype=torch.bool)
-        full[:, past:] = ancestors
-        masks = {"full_attention": full}
-        if self.sliding_window is not None:
-            key_pos = torch.cat([torch.arange(past), positions])
-            in_window = key_pos.unsqueeze(0) > positions.unsqueeze(1) - self.sliding_window
-            masks["sliding_attention"] = full & in_window
-        expanded = {k: m.to(self.device)[None, None].expand(batch, 1, -1, -1) for k, m in masks.items()}
+        """The 4-D mask(s) of a tree pass after `past` cached tokens (see masks.py), expanded to the batch."""
+        masks = attention_masks(torch.ones(1, past, dtype=torch.bool), ancestors.unsqueeze(0),
+                                positions.unsqueeze(0), self.sliding_window)
+        expanded = {k: m.to(self.device).expand(batch, 1, -1, -1) for k, m in masks.items()}
         if self.sliding_window is None:
             return expanded["full_attention"]
         return expanded

@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 
 from ..sampling import SamplingParams
 from ..tree import DraftTree
-from .base import DraftContext, DraftFeedback
+from .base import DraftContext, DraftFeedback, Drafter
 from .trie import TreeBudget, TreeBuilder, draw_children
 
 
@@ -44,7 +44,7 @@ class TrigramMatrix:
         return row if row else self.bi.get(b) or None
 
 
-class AdedDrafter:
+class AdedDrafter(Drafter):
     def __init__(self, vocab_size: int, max_nodes: int = 16, max_depth: int = 8, max_children: int = 3,
                  exploration: float = 0.5, temperature: float = 1.0, adaptive: bool = True):
         if max_nodes < 1 or max_depth < 1 or max_children < 1:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
-
 import torch
 
 from ..sampling import SamplingParams
@@ -38,18 +36,23 @@ class DraftFeedback:
     target_hidden: torch.Tensor | None = None
 
 
-class Drafter(Protocol):
-    """One instance per generation request; `begin` is called once with the prompt."""
+class Drafter:
+    """The base of every drafter; one instance per generation request (`begin` is called once with the prompt).
 
-    def begin(self, prompt: list[int], params: SamplingParams) -> None: ...
+    What a drafter can do is declared here, as class attributes a drafter overrides, so the engine reads
+    them directly:
+    - `needs_target_hidden`: the drafter reads the target's final hidden states (`DraftFeedback.target_hidden`;
+      feature drafters: medusa, hydra, falcon), so the step asks the target pass for them;
+    - `forward_passes`: forward passes of a draft network so far in this request (0 for model-free drafters;
+      an attribute or a property);
+    - `cuttable`: the engine's draft cut may verify only a prefix of this drafter's trees (false for SpecTr,
+      whose k-sequential rule needs its k whole drafts).
+    The base proposes nothing: it is plain decoding (`NoDrafter`).
+    """
 
-    def propose(self, ctx: DraftContext) -> DraftTree | None: ...
-
-    def update(self, feedback: DraftFeedback) -> None: ...
-
-
-class NoDrafter:
-    """Plain autoregressive decoding: proposes nothing, so each target pass commits one token."""
+    needs_target_hidden: bool = False
+    forward_passes: int = 0
+    cuttable: bool = True
 
     def begin(self, prompt: list[int], params: SamplingParams) -> None:
         pass
@@ -59,6 +62,10 @@ class NoDrafter:
 
     def update(self, feedback: DraftFeedback) -> None:
         pass
+
+
+class NoDrafter(Drafter):
+    """Plain autoregressive decoding: proposes nothing, so each target pass commits one token."""
 
 
 class AdaptiveLength:

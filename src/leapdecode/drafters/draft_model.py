@@ -18,11 +18,11 @@ import torch
 from ..lm import CausalLM
 from ..sampling import SamplingParams, probs_from_logits, sample
 from ..tree import DraftTree
-from .base import AdaptiveLength, DraftContext, DraftFeedback
+from .base import AdaptiveLength, DraftContext, DraftFeedback, Drafter
 from .draft_vocab import DraftVocab
 
 
-class DraftModelDrafter:
+class DraftModelDrafter(Drafter):
     def __init__(
         self,
         model: torch.nn.Module,

@@ -18,7 +18,7 @@ from ..lm import CausalLM
 from ..sampling import SamplingParams, gumbel_top_k, probs_from_logits
 from ..tree import DraftTree
 from ..verifiers.tree_sampling import without_replacement
-from .base import DraftContext, DraftFeedback
+from .base import DraftContext, DraftFeedback, Drafter
 from .trie import TreeBudget, TreeBuilder
 
 _PLAIN = SamplingParams(temperature=1.0)  # the draft's confidence under greedy settings
@@ -53,7 +53,7 @@ class DraftTreeScorer:
         return logits
 
 
-class DraftTreeDrafter:
+class DraftTreeDrafter(Drafter):
     def __init__(self, model: torch.nn.Module, max_nodes: int = 16, max_depth: int = 8, max_children: int = 4,
                  min_reach: float = 0.02, adaptive: bool = True):
         if max_nodes < 1 or max_depth < 1 or max_children < 1:

@@ -24,7 +24,7 @@ from torch import nn
 from ..sampling import SamplingParams, probs_from_logits
 from ..tree import DraftTree
 from ..verifiers.tree_sampling import without_replacement
-from .base import DraftContext, DraftFeedback
+from .base import DraftContext, DraftFeedback, Drafter
 from .draft_vocab import DraftVocab
 from ..sampling import gumbel_top_k
 from .medusa import ResBlock
@@ -131,7 +131,7 @@ def falcon_loss_fn(net: FalconDrafterNet, target, data, objective: str = "ce", l
     return loss_fn
 
 
-class FalconDrafter:
+class FalconDrafter(Drafter):
     needs_target_hidden = True
 
     def __init__(self, target, net: FalconDrafterNet, max_nodes: int = 16, max_depth: int = 6, top_k: int = 3,

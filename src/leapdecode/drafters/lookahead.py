@@ -19,11 +19,11 @@ from collections import OrderedDict, defaultdict
 
 from ..sampling import SamplingParams
 from ..tree import DraftTree
-from .base import DraftContext, DraftFeedback
+from .base import DraftContext, DraftFeedback, Drafter
 from .trie import TreeBudget, trie_from_sequences
 
 
-class LookaheadDrafter:
+class LookaheadDrafter(Drafter):
     def __init__(self, window: int = 5, ngram: int = 4, max_candidates: int = 4, pool_per_key: int = 8,
                  max_nodes: int = 24, adaptive: bool = True):
         if window < 0 or ngram < 2 or max_candidates < 0 or pool_per_key < 1 or max_nodes < 1:

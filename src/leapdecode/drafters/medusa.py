@@ -21,7 +21,7 @@ from torch import nn
 from ..sampling import SamplingParams, gumbel_top_k, probs_from_logits
 from ..tree import DraftTree
 from ..verifiers.tree_sampling import without_replacement
-from .base import DraftContext, DraftFeedback
+from .base import DraftContext, DraftFeedback, Drafter
 from .draft_vocab import DraftVocab
 
 # 16 nodes, depth 4: wide near the root where heads are most accurate.
@@ -128,7 +128,7 @@ class MedusaHeads(nn.Module):
         return self.heads[k - 1](feature)
 
 
-class FeatureDrafter:
+class FeatureDrafter(Drafter):
     """Common part of drafters that read the target's hidden state at the last verified position.
 
     The first step of a request proposes nothing (no hidden state yet); its feedback carries the hidden

@@ -16,11 +16,11 @@ import torch
 
 from ..sampling import SamplingParams
 from ..tree import DraftTree
-from .base import AdaptiveLength, DraftContext, DraftFeedback
+from .base import AdaptiveLength, DraftContext, DraftFeedback, Drafter
 from .trie import trie_from_sequences
 
 
-class PromptLookupDrafter:
+class PromptLookupDrafter(Drafter):
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_draft_tokens: int = 10, adaptive: bool = False,
                  num_branches: int = 1, max_nodes: int = 32):
         if not 1 <= min_ngram <= max_ngram:

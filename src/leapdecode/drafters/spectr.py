@@ -14,14 +14,16 @@ import torch
 
 from ..sampling import SamplingParams, probs_from_logits, sample
 from ..verifiers.kseq import MultiDraftTree
-from .base import DraftContext, DraftFeedback
+from .base import DraftContext, DraftFeedback, Drafter
 from .draft_tree import DraftTreeScorer
 from .trie import TreeBuilder
 
 _PLAIN = SamplingParams(temperature=1.0)
 
 
-class SpecTrDrafter:
+class SpecTrDrafter(Drafter):
+    cuttable = False  # the k-sequential rule needs the k whole drafts (`MultiDraftTree.prefix` refuses too)
+
     def __init__(self, model: torch.nn.Module, num_drafts: int = 3, num_draft_tokens: int = 4, adaptive: bool = True):
         if num_drafts < 1 or num_draft_tokens < 1:
             raise ValueError("num_drafts and num_draft_tokens must be >= 1")

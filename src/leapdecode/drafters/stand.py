@@ -22,7 +22,7 @@ import torch
 
 from ..sampling import SamplingParams, probs_from_logits
 from ..tree import DraftTree
-from .base import DraftContext, DraftFeedback
+from .base import DraftContext, DraftFeedback, Drafter
 from .trie import TreeBuilder, draw_children
 
 _STORE_TEMPERATURE = 1.0  # under greedy the store keeps the plain softmax (its ranking is what matters)
@@ -57,7 +57,7 @@ class NgramProbStore:
         return None
 
 
-class StandDrafter:
+class StandDrafter(Drafter):
     def __init__(self, vocab_size: int, max_nodes: int = 24, max_depth: int = 8, max_children: int = 4,
                  max_ngram: int = 3, top_k: int = 8, max_contexts: int = 200_000, adaptive: bool = True):
         if max_nodes < 1 or max_depth < 1 or max_children < 1 or top_k < 1 or max_ngram < 1:

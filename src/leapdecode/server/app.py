@@ -31,8 +31,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..batch_engine import BatchEngine, SequenceHandle, SequenceUpdate
-from ..engine import GenerationSettings
+from ..batching import BatchEngine, SequenceHandle, SequenceUpdate
+from ..step import GenerationSettings
 from ..errors import LeapdecodeError, PromptTooLongError
 from ..sampling import SamplingParams
 from ..stats import GenerationResult

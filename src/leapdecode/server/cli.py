@@ -20,8 +20,7 @@ def serve_methods(text: str, pairs: list[str] | None, draft: bool) -> dict[str, 
     may carry options like a `leapdecode bench` method spec (`pld@num_draft_tokens=6`). `--option key=value`
     sets an option of the default method, `--option hydra@drafter=DIR` one of the method named (values with
     commas, like medusa paths, go through `--option`)."""
-    from ..bench.runner import split_variant
-    from ..cli import parse_options
+    from ..methods import parse_options, split_variant
 
     methods: dict[str, dict] = {}
     for entry in (m.strip() for m in text.split(",")):
@@ -55,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .. import load
     from ..loading import resolve_device
-    from ..batch_engine import BatchEngine
+    from ..batching import BatchEngine
     from .app import ServerConfig, create_app
 
     if args.threads:
@@ -75,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     draft = load(args.draft_model, device=device) if args.draft_model else None
     engine = BatchEngine(target, methods, draft=draft,
                          max_batch_size=args.max_batch_size, step_draft_budget=args.step_draft_budget,
-                         adaptive_width=not args.fixed_draft_width)
+                         fit_width=not args.fixed_draft_width)
     config = ServerConfig(model_name=args.served_model_name or args.model, default_method=default,
                           max_tokens_limit=args.max_tokens_limit, api_key=args.api_key or None)
     app = create_app(engine, config)
@@ -92,7 +91,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import add_model_arguments
+    from ..arguments import add_model_arguments
 
     s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     add_model_arguments(s)
@@ -110,7 +109,8 @@ def add_parser(subparsers) -> None:
                    help="draft tokens per step shared by the greedy requests of a batch (default 16)")
     s.add_argument("--fixed-draft-width", action="store_true",
                    help="verify every drafted token; by default each step cuts the greedy rows' drafts to the "
-                   "width with the most expected tokens per second (step cost fitted online, accept rates)")
+                   "width with the most expected tokens per second (pass times measured per width, accept rates "
+                   "learnt per method; `--option METHOD@fit_width=false` turns it off for one method)")
     s.add_argument("--max-tokens-limit", type=int, default=None,
                    help="largest max_tokens a request may ask for (default: the model's context length)")
     s.add_argument("--api-key", default=os.environ.get("LEAPDECODE_API_KEY"),
