@@ -15,9 +15,10 @@ from .tree import DraftTree
 class CausalLM:
     """One sequence batch decoding with one model; owns the cache (batch, heads, seq, head_dim)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, cache_factory=None):
         self.model = model
-        self.cache = kv_cache.new_cache()
+        self.cache_factory = cache_factory or kv_cache.new_cache  # kv_compress.make_cache_factory: compressed
+        self.cache = self.cache_factory()
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         types = getattr(cfg, "layer_types", None) or []
         self.sliding_window = getattr(cfg, "sliding_window", None) if "sliding_attention" in types else None
@@ -32,7 +33,7 @@ class CausalLM:
         self.last_hidden: torch.Tensor | None = None
 
     def reset(self) -> None:
-        self.cache = kv_cache.new_cache()
+        self.cache = self.cache_factory()
         self.forward_passes = 0
 
     @property
@@ -41,6 +42,10 @@ class CausalLM:
 
     def forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         """Append `ids` (B, T) after the cache, causally; return logits (B, T or logits_to_keep, V)."""
+        if kv_cache.splits_passes(self.cache):  # a compressed cache: one call per view it gives
+            logits = kv_cache.split_passes().forward(self, ids, logits_to_keep)
+            if logits is not None:
+                return logits
         out = self.model(
             input_ids=ids.to(self.device), cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep,
             **self._hidden_kwargs(),
@@ -52,6 +57,10 @@ class CausalLM:
     def forward_hidden(self, ids: torch.Tensor, keep: int = 1) -> torch.Tensor:
         """Like `forward`, but stop before the LM head: the final (post-norm) hidden states of the last
         `keep` positions (B, keep, H), for callers that apply their own head (a draft vocabulary)."""
+        if kv_cache.splits_passes(self.cache):
+            hidden = kv_cache.split_passes().forward(self, ids, hidden_only=keep)
+            if hidden is not None:
+                return hidden
         out = self.model.get_decoder()(input_ids=ids.to(self.device), cache=self.cache, use_cache=True)
         self.forward_passes += 1
         return out.last_hidden_state[:, -keep:]
@@ -88,6 +97,10 @@ class CausalLM:
             full[lead:, :lead] = True
             full[lead:, lead:] = ancestors
             ancestors, depths = full, torch.cat([torch.arange(lead), lead + depths])
+        if kv_cache.splits_passes(self.cache):
+            logits = kv_cache.split_passes().score_tree(self, ids, ancestors, depths, past, tree.size + 1)
+            if logits is not None:
+                return logits
         positions = (past + depths).unsqueeze(0).expand(ids.shape[0], -1)
         mask = self._tree_mask(ancestors, past, positions[0], ids.shape[0])
         out = self.model(

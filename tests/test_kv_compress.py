@@ -1,0 +1,227 @@
+"""Compressed KV caches (quant, GEAR): round-trip error, rollback inside the exact window, and speculation on a
+compressed cache giving the tokens `ar` gives on that same cache."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from leapdecode import Decoder
+from leapdecode.errors import InvalidSettingError
+from leapdecode.kv_compress import (BlockCodec, CompressedCache, KVRollbackError, KVSettings, kv_bytes,
+                                    make_cache, take_settings)
+from leapdecode.lm import CausalLM
+from conftest import tiny_loaded
+
+# a small window and block so that short tiny-model runs cross many view changes
+KV = dict(kv_window=16, kv_block=8)
+
+
+def _kv_like(seed: int = 0, t: int = 64, d: int = 64) -> torch.Tensor:
+    """Key-like data: a few outlier channels and a few spikes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, t, d, generator=g)
+    x[..., 5] += 6.0
+    x[..., 17] *= 4.0
+    x[0, 1, 9, 30] = 25.0
+    return x
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("kind", ["key", "value"])
+@pytest.mark.parametrize("bits,bound", [(2, 0.75), (4, 0.16), (8, 0.01)])
+def test_round_trip_error_bounds_and_gear_beats_quant(kind, bits, bound):
+    x = _kv_like(bits)
+    quant = BlockCodec(kind, bits).round_trip(x)
+    gear = BlockCodec(kind, bits, rank=2, outliers=0.01).round_trip(x)
+    assert quant.shape == x.shape and quant.dtype == x.dtype
+    q_err, g_err = _rel_err(quant, x), _rel_err(gear, x)
+    assert q_err < bound
+    assert g_err < 0.85 * q_err
+    # per-entry bound of asymmetric rounding: half a step of the group's range
+    if kind == "value":
+        y = x.reshape(2, 3, -1, 64)
+        step = (y.amax(-1) - y.amin(-1)) / (2 ** bits - 1)
+        err = (quant - x).reshape(2, 3, -1, 64).abs().amax(-1)
+        assert bool((err <= 0.5 * step * 1.01 + 1e-2).all())
+
+
+def test_outliers_are_kept_exactly_and_bytes_shrink():
+    x = _kv_like(3)
+    codec = BlockCodec("value", 2, rank=0, outliers=0.02)
+    blocks = codec.compress(x)
+    back = codec.decompress(blocks, 64, 64, x.dtype)
+    assert back[0, 1, 9, 30] == x[0, 1, 9, 30]  # the spike is an outlier, stored as it was
+    assert blocks.out_index.shape[-1] == round(0.02 * 64 * 64)
+    bf16 = x.numel() * 2
+    assert blocks.nbytes < 0.25 * bf16
+    assert BlockCodec("value", 4).compress(x).nbytes < 0.3 * bf16
+
+
+def test_pack_unpack_round_trip():
+    for bits in (2, 4, 8):
+        codec = BlockCodec("value", bits)
+        q = torch.randint(0, 2 ** bits, (2, 3, 64), dtype=torch.uint8)
+        assert torch.equal(codec.unpack(codec.pack(q)), q)
+
+
+def _feed(cache, chunks):
+    """Feed (keys, values) chunks to layer 0 of `cache`; return what the last update returned."""
+    out = None
+    for k, v in chunks:
+        out = cache.update(k, v, 0)
+    return out
+
+
+def _chunks(seed: int, sizes):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g)) for n in sizes]
+
+
+@pytest.mark.parametrize("kind", ["quant", "gear"])
+def test_rollback_inside_the_window_equals_never_having_fed(kind):
+    committed = _chunks(0, [30, 1, 1, 1, 1])
+    draft = _chunks(1, [5])
+    nxt = _chunks(2, [1])
+    a = CompressedCache(kind, 4, rank=1, outliers=0.02, window=16, block=8)
+    _feed(a, committed + draft)
+    a.crop_to(34)
+    keys_a, values_a = _feed(a, nxt)
+    b = CompressedCache(kind, 4, rank=1, outliers=0.02, window=16, block=8)
+    keys_b, values_b = _feed(b, committed + nxt)
+    assert a.get_seq_length() == b.get_seq_length() == 35
+    assert torch.equal(keys_a, keys_b) and torch.equal(values_a, values_b)
+    assert a.layers[0].compressed_length > 0  # the rollback happened with compressed blocks present
+
+
+def test_keep_compacts_inside_the_window():
+    committed = _chunks(0, [40])
+    tree = _chunks(1, [6])
+    a = CompressedCache("gear", 4, rank=1, outliers=0.02, window=16, block=8)
+    _feed(a, committed + tree)
+    a.keep(40, [41, 43])
+    k_tree, v_tree = tree[0]
+    b = CompressedCache("gear", 4, rank=1, outliers=0.02, window=16, block=8)
+    _feed(b, committed + [(k_tree[:, :, [1, 3]], v_tree[:, :, [1, 3]])])
+    nxt = _chunks(2, [1])
+    ka, va = _feed(a, nxt)
+    kb, vb = _feed(b, nxt)
+    assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+def test_crop_into_compressed_blocks_raises():
+    cache = CompressedCache("quant", 4, window=16, block=8)
+    _feed(cache, _chunks(0, [40, 1]))  # the second update compresses [0, 24)
+    assert cache.layers[0].compressed_length == 24
+    with pytest.raises(KVRollbackError, match="compressed"):
+        cache.crop_to(20)
+    with pytest.raises(KVRollbackError):
+        cache.keep(10, [12])
+    cache.crop_to(30)  # inside the exact part: fine
+    assert cache.get_seq_length() == 30
+
+
+def test_view_depends_on_position_only():
+    """A query at position p sees compressed blocks up to C(p), however the tokens were fed."""
+    cache = CompressedCache("quant", 4, window=16, block=8)
+    assert [cache.view_length(p) for p in (0, 16, 23, 24, 31, 32)] == [0, 0, 0, 8, 8, 16]
+    assert cache.view_changes(0, 40) == [24, 32]
+    assert cache.view_changes(24, 33) == [32]
+
+
+def test_settings_are_validated():
+    with pytest.raises(InvalidSettingError):
+        KVSettings(kind="gear", bits=3)
+    with pytest.raises(InvalidSettingError):
+        take_settings({"kv_bits": 4})  # bits without a compressed cache
+    with pytest.raises(InvalidSettingError):
+        take_settings({"kv_cache": "hf-quanto"})  # perplexity only
+    options = {"kv_cache": "gear", "kv_bits": 2, "num_draft_tokens": 3}
+    settings = take_settings(options)
+    assert settings.kind == "gear" and settings.bits == 2 and options == {"num_draft_tokens": 3}
+    assert take_settings({"kv_cache": "none"}) is None
+
+
+def random_prompts(seed: int, n: int = 4, vocab: int = 64) -> list[list[int]]:
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        base = [rng.randrange(1, vocab) for _ in range(rng.randint(2, 6))]
+        length = rng.randint(20, 50)
+        prompts.append((base * 20)[:length] if i % 2 else [rng.randrange(1, vocab) for _ in range(length)])
+    return prompts
+
+
+LOSSLESS = [("pld", {}), ("pld-tree", {}), ("aded", {}), ("draft-tree", "self"), ("draft", "self"),
+            ("lookahead", {})]
+
+
+@pytest.mark.parametrize("kind,bits", [("gear", 2), ("quant", 4)])
+def test_lossless_methods_on_a_compressed_cache_equal_ar_on_it(arch, kind, bits):
+    target = tiny_loaded(arch, scale=6.0)
+    kv = dict(kv_cache=kind, kv_bits=bits, kv_rank=1, kv_outliers=0.05, **KV)
+    ar = Decoder(target, "ar", **kv)
+    plain = Decoder(target, "ar")
+    prompts = random_prompts(7)
+    refs = [ar.generate(p, max_new_tokens=48).token_ids for p in prompts]
+    assert any(plain.generate(p, max_new_tokens=48).token_ids != r for p, r in zip(prompts, refs)), \
+        "the compressed cache should change something at 2-4 bits on random weights"
+    for method, extra in LOSSLESS:
+        kw = {"draft": target} if extra == "self" else extra
+        dec = Decoder(target, method, **kw, **kv)
+        for p, ref in zip(prompts, refs):
+            out = dec.generate(p, max_new_tokens=48)
+            assert out.token_ids == ref, (method, p)
+        assert isinstance(dec.lm.cache, CompressedCache)
+        assert dec.lm.cache.layers[0].compressed_length > 0
+
+
+def test_tree_pass_cut_keeps_node_order_and_hidden_states():
+    """A tree pass cut at a view change returns the logits a one-token-at-a-time walk gives."""
+    target = tiny_loaded("llama", scale=6.0)
+    from leapdecode import DraftTree
+
+    prompt = list(range(1, 23))
+    tree = DraftTree(torch.tensor([[5, 6, 7, 8, 9]]), (-1, 0, 1, 0, -1))
+    lm = CausalLM(target.model, cache_factory=lambda: make_cache(KVSettings("gear", 4, 1, 0.05, 16, 8)))
+    lm.keep_hidden = True
+    lm.forward(torch.tensor([prompt[:-1]]))
+    logits = lm.score_tree(torch.tensor([[prompt[-1]]]), tree)  # positions 21..24 cross 24
+    hidden = lm.last_hidden
+    assert logits.shape[1] == tree.size + 1 and hidden.shape[1] == tree.size + 1
+    for node, path in [(0, [5]), (1, [5, 6]), (2, [5, 6, 7]), (3, [5, 8]), (4, [9])]:
+        ref = CausalLM(target.model, cache_factory=lambda: make_cache(KVSettings("gear", 4, 1, 0.05, 16, 8)))
+        ref.forward(torch.tensor([prompt[:-1]]))
+        for t in [prompt[-1]] + path[:-1]:
+            ref.forward(torch.tensor([[t]]))
+        row = ref.forward(torch.tensor([[path[-1]]]))[0, -1]
+        assert torch.allclose(logits[0, node + 1], row, atol=1e-4), node
+    # the cache holds the prompt, the root and the nodes in node order: keeping path [0, 3] works
+    lm.keep_path(21, [0, 3])
+    assert lm.length == 24
+
+
+def test_kv_bytes_counts_real_tensors():
+    target = tiny_loaded("qwen2")
+    plain = Decoder(target, "ar")
+    comp = Decoder(target, "ar", kv_cache="quant", kv_bits=4, **KV)
+    prompt = random_prompts(1)[0] * 4
+    plain.generate(prompt, max_new_tokens=40)
+    comp.generate(prompt, max_new_tokens=40)
+    full = kv_bytes(plain.lm.cache)
+    layers, heads, d = 2, 2, 16
+    assert full == plain.lm.length * layers * 2 * heads * d * 4  # float32 keys and values
+    assert kv_bytes(comp.lm.cache) < 0.5 * full
+
+
+def test_sliding_window_model_keeps_every_position():
+    """gemma3's sliding layers get their window from the mask; the cache keeps (and compresses) everything."""
+    target = tiny_loaded("gemma3", scale=6.0)
+    dec = Decoder(target, "ar", kv_cache="gear", kv_bits=4, **KV)
+    out = dec.generate(random_prompts(3)[0], max_new_tokens=30)
+    assert len(out.token_ids) == 30
+    assert all(layer.get_seq_length() == dec.lm.length for layer in dec.lm.cache.layers)
