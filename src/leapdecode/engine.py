@@ -18,7 +18,6 @@ import torch
 from .draft_cut import DraftCut, DraftHistory
 from .errors import InvalidSettingError, PromptTooLongError
 from . import kv_compress
-from . import kv_compress
 from .lm import CausalLM
 from .methods import MethodBuild, get_method
 from .stats import GenerationResult

@@ -30,21 +30,8 @@ def split_passes():
     return passes
 
 
-def splits_passes(cache) -> bool:
-    """Whether `cache` is a compressed cache (kv_compress), whose passes are cut where its view changes."""
-    return hasattr(cache, "view_changes")
-
-
-def split_passes():
-    from .kv_compress import passes
-
-    return passes
-
-
 def crop(cache: DynamicCache, length: int) -> None:
     """Keep the first `length` positions of every layer."""
-    if hasattr(cache, "crop_to"):  # a compressed cache: rollback inside its exact window
-        return cache.crop_to(length)
     if hasattr(cache, "crop_to"):  # a compressed cache: rollback inside its exact window
         return cache.crop_to(length)
     for layer in cache.layers:
@@ -56,8 +43,6 @@ def crop(cache: DynamicCache, length: int) -> None:
 def keep(cache: DynamicCache, start: int, positions: torch.Tensor | list[int]) -> None:
     """Compaction: keep positions [0, start) plus `positions` (absolute indices >= start, ascending);
     everything after is dropped. Used to keep a tree's accepted path."""
-    if hasattr(cache, "crop_to"):
-        return cache.keep(start, positions)
     if hasattr(cache, "crop_to"):
         return cache.keep(start, positions)
     index = torch.as_tensor(positions, dtype=torch.long)
