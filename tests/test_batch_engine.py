@@ -233,3 +233,16 @@ def test_bad_seed_and_incompatible_draft_are_refused():
     assert engine.metrics.waiting == 0
     with pytest.raises(IncompatibleDraftError, match="cannot draft"):
         BatchEngine(target, {"draft": {}}, draft=tiny_loaded("llama", vocab_size=32, layers=1))
+
+
+def test_fit_width_per_method_and_for_the_engine():
+    """`fit_width=false` as a method's option keeps that method's drafts whole; the engine-wide switch turns
+    the width policy off; any other value is refused."""
+    from leapdecode.errors import InvalidSettingError
+
+    target = tiny_loaded("llama")
+    engine = BatchEngine(target, {"ar": {}, "pld": {"fit_width": "false"}})
+    assert engine.rates["pld"] is None and engine.rates["ar"] is not None and engine.cut is not None
+    assert BatchEngine(target, {"pld": {}}, fit_width=False).cut is None
+    with pytest.raises(InvalidSettingError, match="fit_width"):
+        BatchEngine(target, {"pld": {"fit_width": "maybe"}})
