@@ -227,14 +227,11 @@ class _TokenFlippingDrafter(NoDrafter):
 
 
 @pytest.fixture
-def broken_method():
+def broken_method(monkeypatch):
     spec = MethodSpec("broken", LOSSLESS, "alters the token fed to the target (test only)", "-",
                       lambda build: _TokenFlippingDrafter())
-    method_registry.register(spec)
-    try:
-        yield spec.name
-    finally:
-        method_registry._REGISTRY.pop(spec.name, None)
+    monkeypatch.setitem(method_registry._REGISTRY, spec.name, spec)
+    return spec.name
 
 
 def _questions_file(tmp_path, questions):

@@ -10,7 +10,7 @@ import pytest
 from leapdecode import Decoder, load
 from leapdecode.cli import main
 from leapdecode.errors import InvalidSettingError
-from leapdecode.lossy.cli import calibrate, candidates
+from leapdecode.calibrate import calibrate, candidates
 from leapdecode.lossy.first import Routers
 from conftest import tiny_loaded
 

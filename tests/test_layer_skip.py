@@ -14,7 +14,7 @@ import torch
 
 from leapdecode import Decoder, SamplingParams
 from leapdecode.errors import InvalidSettingError
-from leapdecode.lossy.skipping import SkipSet, StaticGate, decoder_layers, gated
+from leapdecode.layer_skip import SkipSet, StaticGate, decoder_layers, gated
 from conftest import tiny_loaded
 from test_exactness import random_prompts
 from test_sampling import PROMPT, VOCAB, chi_square_pvalue, exact_distribution

@@ -17,7 +17,7 @@ from leapdecode.bench.quality import lcs_length, prefix_agreement, rouge_l, task
 from leapdecode.bench.runner import BenchSettings, run_benchmark
 from leapdecode.errors import InvalidSettingError
 from leapdecode.lossy.first import Routers, train_routers
-from leapdecode.lossy.skipping import decoder_layers
+from leapdecode.layer_skip import decoder_layers
 from conftest import tiny_loaded
 
 L = 5

@@ -13,7 +13,7 @@ import torch
 from leapdecode import Decoder, SamplingParams
 from leapdecode.errors import InvalidSettingError
 from leapdecode.lm import CausalLM
-from leapdecode.training.checkpoint import (DrafterConfig, load_drafter, make_module, read_config, save_drafter,
+from leapdecode.drafters.checkpoint import (DrafterConfig, load_drafter, make_module, read_config, save_drafter,
                                             target_facts, target_fingerprint)
 from leapdecode.training.data import build_data, builtin_prompts
 from leapdecode.training.trainer import TrainSettings, train
@@ -211,7 +211,7 @@ def test_draft_vocab_logits_and_frequent_tokens():
 def test_draft_vocab_keeps_output_exact(kind, arch, tmp_path):
     """With a draft vocabulary the drafter proposes only its ids and the prompt's; output is still exactly
     the target's, greedy (three architectures) and sampled."""
-    from leapdecode.training.checkpoint import save_draft_vocab
+    from leapdecode.drafters.checkpoint import save_draft_vocab
 
     target = tiny_loaded(arch, scale=3.0)
     folder = fresh_drafter(kind, target, tmp_path / kind)

@@ -23,7 +23,7 @@ from leapdecode.bench.runner import (
     split_variant,
     valid_method_names,
 )
-from leapdecode.cli import FILE_FLAGS
+from leapdecode.arguments import FILE_FLAGS
 from leapdecode.errors import InvalidSettingError
 
 DEFAULT_METHODS = "ar,pld,hf-ar,hf-pld"
@@ -31,7 +31,7 @@ DEFAULT_METHODS = "ar,pld,hf-ar,hf-pld"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``bench`` subcommand to the ``leapdecode`` parser."""
-    from leapdecode.cli import add_file_flag_arguments, add_model_arguments
+    from leapdecode.arguments import add_file_flag_arguments, add_model_arguments
 
     p = subparsers.add_parser(
         "bench",
@@ -99,7 +99,7 @@ def method_file_options(args: argparse.Namespace, methods: list[str]) -> dict[st
     """Per method name, the options ``--skip-config`` / ``--drafter`` add: every method that takes the
     option gets it unless its own @options already set it (or, for self-spec, chose another skip set).
     A flag that no method in the list takes is an error."""
-    from leapdecode.cli import given_file_flags
+    from leapdecode.arguments import given_file_flags
 
     out: dict[str, dict] = {}
     for flag, value in given_file_flags(args):

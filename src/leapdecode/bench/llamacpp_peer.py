@@ -82,7 +82,7 @@ class LlamaCppRunner:
     """
 
     def __init__(self, name: str, target, options: dict | None = None, threads: int | None = None):
-        from leapdecode.bench.runner import split_variant
+        from leapdecode.methods import split_variant
 
         require_llamacpp([name])
         self.name = name
@@ -128,7 +128,7 @@ class LlamaCppRunner:
         return self._llm
 
     def run(self, prompt_ids: list[int], max_new_tokens: int):
-        from leapdecode.bench.runner import TurnOutput
+        from leapdecode.bench.summary import TurnOutput
 
         if not prompt_ids:
             raise InvalidSettingError(f"{self.name}: empty prompt")

@@ -32,6 +32,7 @@ from leapdecode.bench.report import differing_questions, format_table, write_rep
 from leapdecode.bench.summary import (
     REFERENCE_METHOD,
     AnswerRecord,
+    TurnOutput,
     build_summary,
     compare_to_reference,
     machine_description,
@@ -40,7 +41,7 @@ from leapdecode.bench.summary import (
 )
 from leapdecode.bench.llamacpp_peer import LLAMACPP_METHODS, is_llamacpp, require_llamacpp
 from leapdecode.errors import InvalidSettingError, LeapdecodeError
-from leapdecode.methods import LOSSLESS, all_methods, get_method
+from leapdecode.methods import LOSSLESS, all_methods, get_method, split_variant
 from leapdecode.peers import PEER_METHODS
 from leapdecode.sampling import SamplingParams
 
@@ -89,15 +90,6 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
     if not names:
         raise InvalidSettingError(f"no methods given; valid methods: {', '.join(valid_method_names())}")
     return names
-
-
-def split_variant(method: str) -> tuple[str, dict]:
-    """``ffn-skip@fraction=0.3@warmup_tokens=2`` -> ("ffn-skip", {"fraction": 0.3, "warmup_tokens": 2}):
-    one method with its options, so a run can compare several settings of a method."""
-    from leapdecode.cli import parse_options
-
-    base, *pairs = method.split("@")
-    return base, parse_options(pairs)
 
 
 def needs_draft(method: str) -> bool:
@@ -172,16 +164,6 @@ def prepare_out_dir(path: str | os.PathLike[str]) -> Path:
 
 
 # ----- method runners ---------------------------------------------------------------------------------
-
-
-@dataclass
-class TurnOutput:
-    """One generation call: what was generated and what it cost."""
-
-    token_ids: list[int]  # new tokens only
-    wall_time: float  # seconds, prefill included, tokenization excluded
-    target_forward_passes: int  # decode passes of the target (for peers: every target forward call)
-    accept_lengths: list[int] = field(default_factory=list)  # tokens committed per target pass
 
 
 class MethodRunner(Protocol):

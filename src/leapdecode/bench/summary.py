@@ -40,6 +40,16 @@ CATEGORY_KEYS = ("tokens_per_s", "speedup", "mean_accepted")
 
 
 @dataclass
+class TurnOutput:
+    """One generation call: what was generated and what it cost."""
+
+    token_ids: list[int]  # new tokens only
+    wall_time: float  # seconds, prefill included, tokenization excluded
+    target_forward_passes: int  # decode passes of the target (for peers: every target forward call)
+    accept_lengths: list[int] = field(default_factory=list)  # tokens committed per target pass
+
+
+@dataclass
 class AnswerRecord:
     """One method's answer to one question (the median repeat when repeated)."""
 

@@ -1,2 +1,2 @@
-"""Method families beyond the core ones: each module here calls `leapdecode.methods.register(...)`
-for its methods when imported, and `leapdecode.methods` imports every module here."""
+"""Method families. Each module declares its methods as `METHODS`, a tuple of `MethodSpec` (`spec.py`);
+importing a module registers nothing: `leapdecode.methods` lists the families and builds the registry."""

@@ -3,11 +3,14 @@ Each loads a drafter trained by `leapdecode train-drafter` (option `drafter=DIR`
 for this target and kind) and refuses one trained for another model."""
 from __future__ import annotations
 
+from ..drafters import checkpoint
+from ..drafters.falcon import FalconDrafter
+from ..drafters.hydra import HydraDrafter
+from ..drafters.medusa import MedusaDrafter
 from ..errors import InvalidSettingError
-from ..methods import LOSSLESS, MethodBuild, MethodSpec, _take, register
+from .spec import LOSSLESS, MethodBuild, MethodSpec, take_options
 
-VERIFICATION = ("greedy: longest path of target argmaxes + target token; sampling: recursive rejection sampling "
-                "over each node's children (children drawn without replacement from the drafter)")
+DRAFTERS = {"medusa": MedusaDrafter, "hydra": HydraDrafter, "falcon": FalconDrafter}
 
 
 CPU_PATHS = "chain:2"  # medusa/hydra default on a CPU (see below); a GPU gets the 16-node tree of _TREE
@@ -17,15 +20,13 @@ def _network(build: MethodBuild, kind: str, folder):
     """(network, draft vocabulary or None) of the drafter in `folder` (None: the default one of this target and
     kind). A build that keeps `shared` state (the batch engine's) loads it once; its requests' drafters then
     share it, read-only."""
-    from ..training.checkpoint import default_drafter, load_draft_vocab, load_drafter
-
-    shared = getattr(build, "shared", None)
+    shared = build.shared
     key = ("trained-drafter", kind, folder)
     if shared is not None and key in shared:
         return shared[key]
-    folder = folder or default_drafter(build.target.model, kind)
-    _, net = load_drafter(folder, build.target.model, kind=kind)
-    loaded = (net, load_draft_vocab(folder))
+    folder = folder or checkpoint.default_drafter(build.target.model, kind)
+    _, net = checkpoint.load_drafter(folder, build.target.model, kind=kind)
+    loaded = (net, checkpoint.load_draft_vocab(folder))
     if shared is not None:
         shared[key] = loaded
     return loaded
@@ -34,7 +35,7 @@ def _network(build: MethodBuild, kind: str, folder):
 def _make(kind: str, defaults: dict):
     def make(build: MethodBuild):
         # draft_vocab: draft from the saved draft vocabulary (+ the prompt's tokens) when the drafter has one
-        opts = _take(build.options, {"drafter": None, "draft_vocab": True, **defaults}, kind)
+        opts = take_options(build.options, {"drafter": None, "draft_vocab": True, **defaults}, kind)
         if kind != "falcon" and "paths" not in build.options and build.target.model.device.type == "cpu":
             # On a CPU a pass over a 16-node tree costs ~2.5 one-token passes: a short chain pays better
             # (measured with a hydra on SmolLM2-135M, 2 cores: 16-node tree 0.74x of ar, chain of 2 1.01x).
@@ -42,14 +43,8 @@ def _make(kind: str, defaults: dict):
         net, vocab = _network(build, kind, opts.pop("drafter"))
         if opts.pop("draft_vocab") and vocab is not None:
             opts["vocab"] = vocab
-        if kind == "medusa":
-            from ..drafters.medusa import MedusaDrafter as cls
-        elif kind == "hydra":
-            from ..drafters.hydra import HydraDrafter as cls
-        else:
-            from ..drafters.falcon import FalconDrafter as cls
         try:
-            return cls(build.target, net, **opts)
+            return DRAFTERS[kind](build.target, net, **opts)
         except ValueError as err:
             raise InvalidSettingError(str(err)) from None
 
@@ -58,18 +53,19 @@ def _make(kind: str, defaults: dict):
 
 _TREE = {"paths": "0;1;2;3;0,0;0,1;0,2;1,0;1,1;2,0;0,0,0;0,0,1;0,1,0;1,0,0;0,0,0,0;0,0,0,1", "max_nodes": 64}
 
-register(MethodSpec(
-    "medusa", LOSSLESS, "trained heads on the target's last hidden state predict the next tokens independently; "
-    "their top candidates form a tree (Medusa path list)",
-    "Cai et al. 2024 (Medusa); the baseline of Hydra (Ankner et al. 2024)", _make("medusa", dict(_TREE)),
-    verification=VERIFICATION))
-register(MethodSpec(
-    "hydra", LOSSLESS, "sequentially dependent trained heads: each also reads the embeddings of the draft tokens "
-    "before it; a tree grown depth by depth",
-    "Hydra: Sequentially-Dependent Draft Heads for Medusa Decoding (Ankner et al. 2024)",
-    _make("hydra", dict(_TREE)), verification=VERIFICATION))
-register(MethodSpec(
-    "falcon", LOSSLESS, "a small semi-autoregressive drafter (a transformer layer over the target's features and "
-    "token embeddings) that emits several tokens per step, grown into a tree by confidence",
-    "Falcon (Gao et al. 2024, coupled sequential glancing distillation); EAGLE-style feature drafting",
-    _make("falcon", {"max_nodes": 16, "max_depth": 6, "top_k": 3}), verification=VERIFICATION))
+METHODS = (
+    MethodSpec(
+        "medusa", LOSSLESS, "trained heads on the target's last hidden state predict the next tokens "
+        "independently; their top candidates form a tree (Medusa path list)",
+        "Cai et al. 2024 (Medusa); the baseline of Hydra (Ankner et al. 2024)", _make("medusa", dict(_TREE))),
+    MethodSpec(
+        "hydra", LOSSLESS, "sequentially dependent trained heads: each also reads the embeddings of the draft "
+        "tokens before it; a tree grown depth by depth",
+        "Hydra: Sequentially-Dependent Draft Heads for Medusa Decoding (Ankner et al. 2024)",
+        _make("hydra", dict(_TREE))),
+    MethodSpec(
+        "falcon", LOSSLESS, "a small semi-autoregressive drafter (a transformer layer over the target's features "
+        "and token embeddings) that emits several tokens per step, grown into a tree by confidence",
+        "Falcon (Gao et al. 2024, coupled sequential glancing distillation); EAGLE-style feature drafting",
+        _make("falcon", {"max_nodes": 16, "max_depth": 6, "top_k": 3})),
+)

@@ -5,7 +5,7 @@ FFN-SkipLLM (skip saturated FFN blocks), SkipDecode (skip whole layers), and S2D
 decoding (a nested sub-model: the first k layers plus the LM head drafts for the full model).
 
 The draft shares the target's weights but keeps its own KV cache: a separate `CausalLM` over the same
-module, run only inside `skipping.gated(model, StaticGate(skip))`, which is entered around the draft
+module, run only inside `layer_skip.gated(model, StaticGate(skip))`, which is entered around the draft
 forward passes and exited before the engine's target pass. A separate cache is the simple, exact
 choice: the draft's entries for the kept layers above the first skipped block differ from the target's
 (their inputs went through fewer blocks); those below it are equal and could be shared (a possible
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..lossy.skipping import SkipSet, StaticGate, gated, num_layers
+from ..layer_skip import SkipSet, StaticGate, gated, num_layers
 from ..errors import InvalidSettingError
 from ..sampling import SamplingParams
 from .base import DraftContext

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import InvalidSettingError
-from .skipping import Action, Gate, check_range, gated, num_layers, parse_indices
+from ..layer_skip import Action, Gate, check_range, gated, num_layers, parse_indices
 
 
 class EarlyExitGate(Gate):

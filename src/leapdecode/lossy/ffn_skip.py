@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .skipping import Action, Gate, check_int, check_range, gated, num_layers
+from ..layer_skip import Action, Gate, check_int, check_range, gated, num_layers
 
 
 class FFNSkipGate(Gate):

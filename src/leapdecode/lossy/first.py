@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidSettingError
-from .skipping import Action, Gate, check_int, check_range, decoder_layers, gated, num_layers
+from ..layer_skip import Action, Gate, check_int, check_range, decoder_layers, gated, num_layers
 
 
 def features(hidden: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from ..errors import InvalidSettingError
-from .skipping import Action, Gate, check_int, gated, num_layers
+from ..layer_skip import Action, Gate, check_int, gated, num_layers
 
 
 class SkipDecodeGate(Gate):

@@ -18,7 +18,7 @@ KINDS = ("medusa", "hydra", "falcon")
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import add_model_arguments
+    from ..arguments import add_model_arguments
 
     p = subparsers.add_parser("train-drafter", help="train medusa/hydra/falcon drafter heads on a target model",
                               description="Self-distillation: the target answers prompts, its hidden states and "
@@ -61,18 +61,6 @@ def add_parser(subparsers) -> None:
     add_distill_parser(subparsers)
 
 
-def _rows(args) -> list[dict]:
-    from .data import builtin_prompts, read_prompts
-
-    if args.data:
-        path = Path(__file__).resolve().parents[3] / "benchmarks" / "suite.jsonl" if args.data == "suite" else args.data
-        rows = read_prompts(path)
-        return rows[: args.self_distill] if args.self_distill else rows
-    n = args.self_distill or 400
-    return [{"messages": [{"role": "user", "content": text}], "response": None}
-            for text in builtin_prompts(n, seed=args.seed)]
-
-
 def cmd_train_drafter(args: argparse.Namespace) -> int:
     import torch
 
@@ -80,9 +68,9 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     from ..loading import resolve_device
     from ..errors import InvalidSettingError
     from ..drafters.draft_vocab import frequent_tokens
-    from .checkpoint import (DRAFT_VOCAB, DrafterConfig, make_module, remember_default, save_draft_vocab,
+    from ..drafters.checkpoint import (DRAFT_VOCAB, DrafterConfig, make_module, remember_default, save_draft_vocab,
                              save_drafter, target_facts, target_fingerprint)
-    from .data import build_data
+    from .data import build_data, prompt_rows
     from .trainer import TrainSettings, train
 
     if args.max_minutes <= 0 or not 0 < args.data_share < 1:
@@ -101,7 +89,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = target_fingerprint(target.model)
     hidden, vocab = target_facts(target.model)
-    rows = _rows(args)
+    rows = prompt_rows(args.data, args.self_distill, args.seed)
     data = build_data(target, rows, out, fingerprint, max_new_tokens=args.max_new_tokens,
                       batch_size=args.gen_batch_size, deadline=started + args.max_minutes * 60 * args.data_share,
                       progress=not args.no_progress)

@@ -116,7 +116,18 @@ class FeatureData:
         return self.features[rows.clamp(min=0)], valid
 
 
-def _encode(target, row: dict) -> list[int]:
+def prompt_rows(data: str | Path | None, count: int | None, seed: int = 0) -> list[dict]:
+    """The prompts to answer (`read_prompts` rows): the first `count` of the file `data` ('suite': the
+    benchmark suite) or, without a file, `count` (default 400) built-in prompts drawn with `seed`."""
+    if data:
+        path = Path(__file__).resolve().parents[3] / "benchmarks" / "suite.jsonl" if data == "suite" else data
+        rows = read_prompts(path)
+        return rows[:count] if count else rows
+    return [{"messages": [{"role": "user", "content": text}], "response": None}
+            for text in builtin_prompts(count or 400, seed=seed)]
+
+
+def encode_row(target, row: dict) -> list[int]:
     tok = target.tokenizer
     if target.has_chat_template:
         ids = tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True)
@@ -196,13 +207,13 @@ def build_data(target, rows: list[dict], folder: str | Path, fingerprint: str, m
             bar.write(f"data: time budget reached after {b} of {len(batches)} batches; training on what exists")
             break
         to_generate = [r for r in batch if not r.get("response")]
-        generated = iter(_generate_batch(target, [_encode(target, r) for r in to_generate], max_new_tokens)
+        generated = iter(_generate_batch(target, [encode_row(target, r) for r in to_generate], max_new_tokens)
                          if to_generate else [])
         feats, toks, lens = [], [], []
         for r in batch:
             if r.get("response"):
                 resp = [int(i) for i in target.tokenizer(r["response"], add_special_tokens=False)["input_ids"]]
-                f, t = _teacher_forced(target, _encode(target, r), resp)
+                f, t = _teacher_forced(target, encode_row(target, r), resp)
             else:
                 f, t = next(generated)
             feats.append(f), toks.append(t), lens.append(len(t))

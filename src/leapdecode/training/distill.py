@@ -177,9 +177,8 @@ def cmd_distill_draft(args: argparse.Namespace) -> int:
     from .. import load
     from ..loading import check_draft_compatible
     from ..loading import resolve_device
-    from .checkpoint import target_fingerprint
-    from .cli import _rows
-    from .data import _encode, build_data
+    from ..drafters.checkpoint import target_fingerprint
+    from .data import build_data, encode_row, prompt_rows
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -189,10 +188,10 @@ def cmd_distill_draft(args: argparse.Namespace) -> int:
     check_draft_compatible(target, draft)
     if args.self_distill is None and not args.data:
         args.self_distill = 200
-    rows = _rows(args)
+    rows = prompt_rows(args.data, args.self_distill, args.seed)
     data = build_data(target, rows, args.out, target_fingerprint(target.model), max_new_tokens=args.max_new_tokens,
                       deadline=started + args.max_minutes * 60 * args.data_share, progress=not args.no_progress)
-    prompts = [_encode(target, r) for r in rows[: data.samples]]
+    prompts = [encode_row(target, r) for r in rows[: data.samples]]
     responses = [data.tokens[data.starts[i]: data.starts[i + 1]].tolist() for i in range(data.samples)]
     left = max(0.1, args.max_minutes - (time.time() - started) / 60)
     report = distill(target, draft, prompts, responses, args.out, epochs=args.epochs, lr=args.lr,

@@ -25,6 +25,7 @@ import torch
 from ..sampling import SamplingParams, probs_from_logits, sample
 from ..tree import DraftTree
 from .base import Verdict
+from .distributions import accepts, draft_q
 
 
 @dataclass
@@ -84,15 +85,11 @@ def verify_kseq(
             if not tries:
                 out = int(sample(p, generator))
                 break
-            q = tree.draft_probs[b, tries[0]].to(p)
-            if q.shape[-1] != p.shape[-1]:
-                q = torch.nn.functional.pad(q, (0, max(0, p.shape[-1] - q.shape[-1])))[: p.shape[-1]]
+            q = draft_q(tree, b, tries[0], p)  # the drafts alive here drew their next tokens from one q
             gamma = kseq_gamma(p, q, len(tries))
             chosen = None
             for c in tries:
-                x = drafted[c]
-                u = float(torch.rand((), generator=generator))
-                if q[x] > 0 and u * gamma * float(q[x]) < float(p[x]):
+                if accepts(p, q, drafted[c], generator, gamma):
                     chosen = c
                     break
             if chosen is None:

@@ -12,22 +12,15 @@ import torch
 from ..sampling import SamplingParams, probs_from_logits, sample
 from ..tree import DraftTree
 from .base import Verdict
-
-
-def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """norm(max(0, p - q)); falls back to p when the residual has no mass (p == q)."""
-    r = (p - q).clamp_min(0.0)
-    total = r.sum(-1, keepdim=True)
-    return torch.where(total > 0, r / total.clamp_min(1e-30), p)
+from .distributions import accepts, draft_q, residual
 
 
 def verify_sampling(
     tree: DraftTree, target_logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> Verdict:
-    if not tree.layout.is_chain:  # branching trees: recursive rejection over siblings
-        from .tree_sampling import verify_tree_sampling
-
-        return verify_tree_sampling(tree, target_logits, params, generator)
+    """A chain's drafted tokens (a branching tree goes to `verify_tree_sampling`, see `verify`)."""
+    if not tree.layout.is_chain:
+        raise ValueError("verify_sampling verifies a chain; a branching tree goes to verify_tree_sampling")
     p_all = probs_from_logits(target_logits, params)  # (B, K+1, V)
     accepted_all, tokens_all = [], []
     for b in range(p_all.shape[0]):
@@ -36,14 +29,8 @@ def verify_sampling(
         out: list[int] = []
         for i, x in enumerate(drafted):
             p = p_all[b, i]
-            if tree.draft_probs is None:
-                q = torch.zeros_like(p)
-                q[x] = 1.0
-            else:
-                q = tree.draft_probs[b, i].to(p)
-            px, qx = float(p[x]), float(q[x])
-            u = float(torch.rand((), generator=generator))
-            if qx > 0 and u * qx < px:  # u < p/q without dividing
+            q = draft_q(tree, b, i, p)
+            if accepts(p, q, x, generator):
                 nodes.append(i)
                 out.append(x)
                 continue

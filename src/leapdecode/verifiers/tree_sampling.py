@@ -28,7 +28,7 @@ import torch
 from ..sampling import SamplingParams, probs_from_logits, sample
 from ..tree import DraftTree
 from .base import Verdict
-from .speculative_sampling import residual
+from .distributions import accepts, draft_q, residual
 
 
 def without_replacement(q: torch.Tensor, tokens: list[int]) -> torch.Tensor:
@@ -41,17 +41,6 @@ def without_replacement(q: torch.Tensor, tokens: list[int]) -> torch.Tensor:
         rows.append(left / total if total > 0 else left.clone())
         left[t] = 0.0
     return torch.stack(rows) if rows else q.new_zeros(0, q.shape[-1])
-
-
-def _draft_q(tree: DraftTree, b: int, node: int, token: int, like: torch.Tensor) -> torch.Tensor:
-    if tree.draft_probs is None:
-        q = torch.zeros_like(like)
-        q[token] = 1.0
-        return q
-    q = tree.draft_probs[b, node].to(like)
-    if q.shape[-1] != like.shape[-1]:  # a draft head smaller/larger than the target's: pad or cut
-        q = torch.nn.functional.pad(q, (0, max(0, like.shape[-1] - q.shape[-1])))[: like.shape[-1]]
-    return q
 
 
 def verify_tree_sampling(
@@ -69,11 +58,8 @@ def verify_tree_sampling(
             p = p_all[b, at]
             chosen = None
             for c in children[at]:
-                x = drafted[c]
-                q = _draft_q(tree, b, c, x, p)
-                px, qx = float(p[x]), float(q[x])
-                u = float(torch.rand((), generator=generator))
-                if qx > 0 and u * qx < px:  # u < p/q without dividing
+                q = draft_q(tree, b, c, p)
+                if accepts(p, q, drafted[c], generator):
                     chosen = c
                     break
                 p = residual(p, q)

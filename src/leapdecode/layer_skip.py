@@ -29,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from ..errors import InvalidSettingError
+from .errors import InvalidSettingError
 
 ATTN, FFN = "attn", "ffn"
 

@@ -1,4 +1,6 @@
-"""`leapdecode calibrate-skip` (self-spec skip set search) and `leapdecode train-router` (FiRST routers).
+"""Calibration commands: `leapdecode calibrate-skip` (the skip set of the lossless `self-spec`) and
+`leapdecode train-router` (the routers of the lossy `first`). They time and run generations, so they sit
+above the engine, with the other commands.
 
 Both use their own small calibration prompts (below), not the benchmark suite, so bench numbers are
 not measured on the data the skip set or routers were fitted to.
@@ -14,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InvalidSettingError
-from .skipping import Gate, SkipSet, num_layers
+from .errors import InvalidSettingError
+from .layer_skip import Gate, SkipSet, gated, num_layers
 
 CALIBRATION_PROMPTS = (
     "Explain in a few sentences why the sky is blue.",
@@ -30,7 +32,7 @@ CALIBRATION_PROMPTS = (
 
 
 def calibration_ids(target, count: int) -> list[list[int]]:
-    from ..engine import Decoder
+    from .engine import Decoder
 
     if not 1 <= count <= len(CALIBRATION_PROMPTS):
         raise InvalidSettingError(f"prompts must be in [1, {len(CALIBRATION_PROMPTS)}], got {count}")
@@ -109,8 +111,7 @@ def candidates(model, ranking, fractions=(0.1, 0.2, 0.3, 0.4)) -> list[Candidate
 
 
 def calibrate(target, prompts: list[list[int]], max_new_tokens: int = 48, num_draft_tokens: int = 4, log=sys.stderr) -> dict:
-    from ..engine import Decoder
-    from .skipping import gated
+    from .engine import Decoder
 
     model = target.model
     ar = Decoder(target, "ar")
@@ -153,7 +154,7 @@ def calibrate(target, prompts: list[list[int]], max_new_tokens: int = 48, num_dr
 
 
 def cmd_calibrate(args) -> int:
-    from ..loading import load, resolve_device
+    from .loading import load, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,16 +170,16 @@ def cmd_calibrate(args) -> int:
 
 
 def continuation_texts(target, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    from ..engine import Decoder
+    from .engine import Decoder
 
     ar = Decoder(target, "ar")
     return [p + ar.generate(p, max_new_tokens=max_new_tokens).token_ids for p in prompts]
 
 
 def cmd_train_router(args) -> int:
-    from ..loading import load, resolve_device
-    from ..sampling import make_generator
-    from .first import train_routers
+    from .loading import load, resolve_device
+    from .sampling import make_generator
+    from .lossy.first import train_routers
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,7 +196,7 @@ def cmd_train_router(args) -> int:
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import add_model_arguments
+    from .arguments import add_model_arguments
 
     c = subparsers.add_parser("calibrate-skip", help="find the self-spec skip set with the best measured speedup",
                               description="Rank attention/FFN blocks by how little they turn the hidden state, "

@@ -21,7 +21,7 @@ from ..errors import InvalidSettingError
 
 WEIGHTS = "drafter.safetensors"
 CONFIG = "drafter.json"
-DRAFT_VOCAB = "draft_vocab.safetensors"  # optional: the ids the drafter drafts from (drafters/draft_vocab.py)
+DRAFT_VOCAB = "draft_vocab.safetensors"  # optional: the ids the drafter drafts from (draft_vocab.py)
 FORMAT_VERSION = 1
 
 
@@ -60,11 +60,11 @@ def target_facts(model: torch.nn.Module) -> tuple[int, int]:
 def make_module(config: DrafterConfig) -> torch.nn.Module:
     """The drafter network for a config (fresh weights)."""
     if config.kind == "medusa":
-        from ..drafters.medusa import MedusaHeads as cls
+        from .medusa import MedusaHeads as cls
     elif config.kind == "hydra":
-        from ..drafters.hydra import HydraHeads as cls
+        from .hydra import HydraHeads as cls
     elif config.kind == "falcon":
-        from ..drafters.falcon import FalconDrafterNet as cls
+        from .falcon import FalconDrafterNet as cls
     else:
         raise InvalidSettingError(f"unknown drafter kind {config.kind!r}; valid kinds: falcon, hydra, medusa")
     return cls(config.hidden_size, **config.settings)
