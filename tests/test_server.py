@@ -60,6 +60,10 @@ def test_models_health_metrics(served, client):
     for name in ("leapdecode_requests_total", "leapdecode_tokens_generated_total", "leapdecode_tokens_per_second",
                  "leapdecode_mean_accepted_tokens", "leapdecode_queue_depth", "leapdecode_batch_size"):
         assert f"# TYPE {name} " in text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # valid exposition text
+    assert families["leapdecode_requests"].type == "counter" and families["leapdecode_batch_size"].type == "gauge"
 
 
 @pytest.mark.parametrize("method", ["ar", "pld"])

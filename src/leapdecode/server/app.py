@@ -1,13 +1,14 @@
 """The FastAPI app: OpenAI-compatible completions over a `BatchEngine` running in a worker thread.
 
 ```
-HTTP request ──► parse_request (400 on bad input) ──► tokenize (chat template, or plain text) ──► engine.submit
+HTTP request ──► ChatBody / CompletionBody (FastAPI's validation; 400 on bad input) ──► tokenize (chat template, or plain text) ──► engine.submit
 engine worker thread: step() loop ──► SequenceUpdate ──► loop.call_soon_threadsafe ──► asyncio.Queue per request
 handler: JSON response at the end, or SSE chunks as updates arrive ("data: {...}\n\n", then "data: [DONE]")
 a client gone (stream closed, or disconnect seen while waiting) ──► handle.cancel() ──► slot freed next step
 ```
 Every error is answered with an OpenAI-style body {"error": {"message", "type", "param", "code"}}: bad input,
 including a prompt the tokenizer or chat template refuses, with 400; anything unexpected with 500.
+`/metrics` is Prometheus' text format through `prometheus_client` (a collector reading the engine's counters).
 Chat requests use the tokenizer's chat template when the model has one; without one, the messages' contents
 are joined as plain text, one message per line (roles are dropped).
 Prompts are tokenized on the event loop with a private copy of the tokenizer, so they never share Rust
@@ -28,7 +29,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..batching import BatchEngine, SequenceHandle, SequenceUpdate
@@ -36,7 +40,7 @@ from ..step import GenerationSettings
 from ..errors import LeapdecodeError, PromptTooLongError
 from ..sampling import SamplingParams
 from ..stats import GenerationResult
-from .schema import CHAT, COMPLETION, APIError, CompletionRequest, parse_request
+from .schema import CHAT, COMPLETION, APIError, ChatBody, CompletionBody, CompletionRequest, validation_error
 
 log = logging.getLogger("leapdecode.server")
 
@@ -245,37 +249,38 @@ class _Service:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    # ----- metrics -----
-    def prometheus(self) -> str:
-        m = self.engine.metrics
-        lines = []
 
-        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP {name} {help_}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.extend(f"{name}{labels} {value:g}" for labels, value in samples)
 
-        metric("leapdecode_requests_total", "counter", "Generation requests answered, by endpoint and HTTP status.",
-               [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in sorted(self.counters.requests.items())]
-               or [('{endpoint="all",status="200"}', 0)])
-        metric("leapdecode_requests_finished_total", "counter", "Generations finished by the engine.",
-               [("", m.requests_finished)])
-        metric("leapdecode_requests_cancelled_total", "counter", "Generations cancelled (client gone).",
-               [("", m.requests_cancelled)])
-        metric("leapdecode_tokens_generated_total", "counter", "Tokens committed over all requests.",
-               [("", m.tokens_generated)])
-        metric("leapdecode_busy_seconds_total", "counter", "Seconds the engine spent stepping.", [("", m.busy_seconds)])
-        metric("leapdecode_tokens_per_second", "gauge", "Tokens generated per busy second since start.",
-               [("", m.tokens_per_s)])
-        metric("leapdecode_target_forward_passes_total", "counter", "Batched target forward passes.",
-               [("", m.batch_passes)])
-        metric("leapdecode_mean_accepted_tokens", "gauge",
-               "Mean tokens committed per sequence per target pass (1.0 for plain decoding).", [("", m.mean_accepted)])
-        metric("leapdecode_queue_depth", "gauge", "Requests waiting for a batch slot.", [("", m.waiting)])
-        metric("leapdecode_batch_size", "gauge", "Sequences in the running batch.", [("", m.running)])
-        metric("leapdecode_mean_batch_size", "gauge", "Mean sequences per target pass since start.",
-               [("", m.mean_batch_size)])
-        return "\n".join(lines) + "\n"
+class _Metrics:
+    """A prometheus_client collector: the engine's counters and load, and the requests answered, read at
+    each scrape."""
+
+    def __init__(self, service: _Service):
+        self.service = service
+
+    def collect(self):
+        m, counters = self.service.engine.metrics, self.service.counters
+        requests = CounterMetricFamily("leapdecode_requests", "Generation requests answered, by endpoint and HTTP "
+                                       "status.", labels=["endpoint", "status"])
+        for (endpoint, status), n in sorted(counters.requests.items()):
+            requests.add_metric([endpoint, str(status)], n)
+        yield requests
+        for name, help_, value in (
+                ("leapdecode_requests_finished", "Generations finished by the engine.", m.requests_finished),
+                ("leapdecode_requests_cancelled", "Generations cancelled (client gone).", m.requests_cancelled),
+                ("leapdecode_requests_failed", "Generations ended by an error.", m.requests_failed),
+                ("leapdecode_tokens_generated", "Tokens committed over all requests.", m.tokens_generated),
+                ("leapdecode_busy_seconds", "Seconds the engine spent stepping.", m.busy_seconds),
+                ("leapdecode_target_forward_passes", "Batched target forward passes.", m.batch_passes)):
+            yield CounterMetricFamily(name, help_, value=value)
+        for name, help_, value in (
+                ("leapdecode_tokens_per_second", "Tokens generated per busy second since start.", m.tokens_per_s),
+                ("leapdecode_mean_accepted_tokens", "Mean tokens committed per sequence per target pass (1.0 for "
+                 "plain decoding).", m.mean_accepted),
+                ("leapdecode_queue_depth", "Requests waiting for a batch slot.", m.waiting),
+                ("leapdecode_batch_size", "Sequences in the running batch.", m.running),
+                ("leapdecode_mean_batch_size", "Mean sequences per target pass since start.", m.mean_batch_size)):
+            yield GaugeMetricFamily(name, help_, value=value)
 
 
 def create_app(engine: BatchEngine, config: ServerConfig) -> FastAPI:
@@ -292,6 +297,9 @@ def create_app(engine: BatchEngine, config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="leapdecode", lifespan=lifespan)
     app.state.service = service
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Metrics(service))
+    endpoints = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
@@ -300,7 +308,24 @@ def create_app(engine: BatchEngine, config: ServerConfig) -> FastAPI:
             if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
                 return _error(APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
                                        code="invalid_api_key", type="authentication_error"))
+        endpoint = endpoints.get(request.url.path)
+        if endpoint is not None and request.method == "POST":  # before FastAPI reads and validates the body
+            declared = request.headers.get("content-length", "")
+            if (declared.isdigit() and int(declared) > config.max_body_bytes
+                    or len(await request.body()) > config.max_body_bytes):
+                service.counters.count(endpoint, 413)
+                return _error(APIError(413, f"the request body is over {config.max_body_bytes} bytes",
+                                       code="body_too_large"))
+            if "content-type" not in request.headers:  # a body without a content type is read as JSON
+                request.scope["headers"] = [*request.scope["headers"], (b"content-type", b"application/json")]
         return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, err: RequestValidationError):
+        error = validation_error(list(err.errors()))
+        if request.url.path in endpoints:
+            service.counters.count(endpoints[request.url.path], error.status)
+        return _error(error)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
@@ -314,15 +339,8 @@ def create_app(engine: BatchEngine, config: ServerConfig) -> FastAPI:
     async def unexpected_error(request: Request, err: Exception):
         return _error(_internal(err))
 
-    async def generation(request: Request, kind: str, endpoint: str) -> Response:
+    async def generation(request: Request, req: CompletionRequest, endpoint: str) -> Response:
         try:
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > config.max_body_bytes:
-                raise APIError(413, f"the request body is over {config.max_body_bytes} bytes", code="body_too_large")
-            raw = await request.body()
-            if len(raw) > config.max_body_bytes:
-                raise APIError(413, f"the request body is over {config.max_body_bytes} bytes", code="body_too_large")
-            req = parse_request(raw, kind)
             response = service.stream(req) if req.stream else await service.complete(request, req)
         except APIError as err:
             service.counters.count(endpoint, err.status)
@@ -335,12 +353,12 @@ def create_app(engine: BatchEngine, config: ServerConfig) -> FastAPI:
         return response
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await generation(request, CHAT, "chat")
+    async def chat_completions(request: Request, body: ChatBody):
+        return await generation(request, body.request(), "chat")
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await generation(request, COMPLETION, "completions")
+    async def completions(request: Request, body: CompletionBody):
+        return await generation(request, body.request(), "completions")
 
     @app.get("/v1/models")
     async def models():
@@ -355,7 +373,7 @@ def create_app(engine: BatchEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(service.prometheus(), media_type="text/plain; version=0.0.4")
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -1,17 +1,18 @@
-"""Request parsing and validation for the OpenAI-compatible endpoints, and OpenAI-style errors.
+"""Request bodies of the OpenAI-compatible endpoints as pydantic models (FastAPI validates them), and
+OpenAI-style errors.
 
-Bodies are validated by hand (not by a pydantic model) so that every mistake gets an OpenAI-style error
-body with HTTP 400 and names the offending field in `param`.
+Every invalid body is answered with HTTP 400 and an OpenAI-style error body whose `param` names the offending
+field (`messages[0].content`); `validation_error` turns FastAPI's `RequestValidationError` into that.
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 CHAT, COMPLETION = "chat", "completion"
 SEED_LIMIT = 2**63  # seeds are in [0, SEED_LIMIT): what a torch generator takes as a signed 64-bit integer
-_ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
 class APIError(Exception):
@@ -44,138 +45,137 @@ class CompletionRequest:
     method: str | None  # leapdecode extra: the decoding method (None: the server's default)
 
 
-def _show(value) -> str:
-    """A value for an error message, cut to a readable length."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+# ----- the bodies ----------------------------------------------------------------------------------------
+
+class _Body(BaseModel):
+    """Fields of both endpoints; unknown fields (other OpenAI parameters) are ignored. Scalars are strict:
+    "5" is not an integer, true is not a number."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    method: str | None = None  # leapdecode extra: the decoding method (None: the server's default)
+    n: int | None = None
+    max_tokens: int | None = None  # checked against the server's limit when the request is submitted
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
+    stop: Any = Field(None, validate_default=True)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, stop: Any) -> tuple[str, ...]:
+        if stop is None:
+            return ()
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
+            raise ValueError("must be a string or a list of at most 16 strings")
+        return tuple(s for s in stop if s)
+
+    def _request(self, kind: str, max_tokens: int | None, **fields) -> CompletionRequest:
+        return CompletionRequest(
+            kind=kind, model=self.model, max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, stop=self.stop, seed=self.seed,
+            stream=bool(self.stream), include_usage=bool(self.stream_options and self.stream_options.include_usage),
+            method=self.method, **fields)
 
 
-def _number(body: dict, name: str, default: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise APIError(400, f"'{name}' must be a number, got {type(value).__name__}", name)
-    try:
-        number = float(value)
-    except OverflowError:  # an integer too large for a float
-        number = math.inf
-    if not math.isfinite(number):  # json.loads accepts NaN and Infinity
-        raise APIError(400, f"'{name}' must be a finite number, got {_show(value)}", name)
-    return number
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool | None = None
 
 
-def _int(body: dict, name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"'{name}' must be an integer, got {type(value).__name__}", name)
-    return value
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = Field(None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, content: Any, info: ValidationInfo) -> str:
+        """A string, or a list of text parts joined; an assistant message may have none."""
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            return "".join(p["text"] for p in content)
+        if content is None and info.data.get("role") == "assistant":
+            return ""
+        raise ValueError("must be a string or a list of text parts")
 
 
-def _bool(body: dict, name: str) -> bool:
-    value = body.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise APIError(400, f"'{name}' must be a boolean, got {type(value).__name__}", name)
-    return value
+class ChatBody(_Body):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+    def request(self) -> CompletionRequest:
+        max_tokens = self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+        messages = tuple({"role": m.role, "content": m.content or ""} for m in self.messages)
+        return self._request(CHAT, max_tokens, messages=messages, prompt=None)
 
 
-def _content(message: dict, i: int) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    if content is None and message.get("role") == "assistant":
-        return ""
-    raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
+class CompletionBody(_Body):
+    prompt: Any
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, prompt: Any) -> str | tuple[int, ...]:
+        """Text or token ids, or a list of one of these (one prompt per request)."""
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one prompt
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("is empty")
+            return prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                       for t in prompt):
+            return tuple(prompt)
+        raise ValueError("must be a non-empty string, a list of token ids, or a list of one of these "
+                         "(one prompt per request)")
+
+    def request(self) -> CompletionRequest:
+        return self._request(COMPLETION, self.max_tokens, messages=None, prompt=self.prompt)
 
 
-def _messages(body: dict) -> tuple[dict, ...]:
-    messages = body.get("messages")
-    if messages is None:
-        raise APIError(400, "'messages' is required", "messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list of messages", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise APIError(400, f"messages[{i}] must be an object", f"messages[{i}]")
-        role = m.get("role")
-        if role not in _ROLES:
-            raise APIError(400, f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}", f"messages[{i}].role")
-        out.append({"role": role, "content": _content(m, i)})
-    return tuple(out)
+_Body.model_rebuild()
+ChatBody.model_rebuild()
+CompletionBody.model_rebuild()
 
 
-def _prompt(body: dict) -> str | tuple[int, ...]:
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise APIError(400, "'prompt' is required", "prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one prompt
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise APIError(400, "'prompt' is empty", "prompt")
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return tuple(prompt)
-    raise APIError(400, "'prompt' must be a non-empty string, a list of token ids, or a list of one of these "
-                   "(one prompt per request)", "prompt")
+# ----- validation errors as OpenAI errors ----------------------------------------------------------------
+
+def _param(loc: tuple) -> str | None:
+    """("body", "messages", 0, "content") -> "messages[0].content"; the body itself -> None."""
+    param = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+    return param or None
 
 
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
-        raise APIError(400, "'stop' must be a string or a list of at most 16 strings", "stop")
-    return tuple(s for s in stop if s)
-
-
-def parse_request(raw: bytes, kind: str) -> CompletionRequest:
-    """Parse and check a request body; raise `APIError` (400) on any invalid field."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON: {err}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise APIError(400, "'model' must be a string", "model")
-    method = body.get("method")
-    if method is not None and not isinstance(method, str):
-        raise APIError(400, "'method' must be a string", "method")
-    n = _int(body, "n")
-    if n not in (None, 1):
-        raise APIError(400, "only n=1 is supported", "n")
-    max_tokens = _int(body, "max_tokens")
-    if max_tokens is None and kind == CHAT:
-        max_tokens = _int(body, "max_completion_tokens")
-    temperature = _number(body, "temperature", 1.0)
-    if temperature < 0:
-        raise APIError(400, f"'temperature' must be >= 0, got {temperature}", "temperature")
-    top_p = _number(body, "top_p", 1.0)
-    if not 0.0 < top_p <= 1.0:
-        raise APIError(400, f"'top_p' must be in (0, 1], got {top_p}", "top_p")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise APIError(400, "'stream_options' must be an object", "stream_options")
-    include_usage = _bool(options or {}, "include_usage")
-    seed = _int(body, "seed")
-    if seed is not None and not 0 <= seed < SEED_LIMIT:
-        raise APIError(400, f"'seed' must be in [0, 2**63), got {_show(seed)}", "seed")
-    return CompletionRequest(
-        kind=kind, model=model,
-        messages=_messages(body) if kind == CHAT else None,
-        prompt=_prompt(body) if kind == COMPLETION else None,
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=_stop(body), seed=seed,
-        stream=_bool(body, "stream"), include_usage=include_usage, method=method,
-    )
+def validation_error(errors: list[dict]) -> APIError:
+    """The first of FastAPI's validation errors as an OpenAI-style 400."""
+    first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request body"}
+    if first["type"] == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+    param = _param(tuple(first["loc"]))
+    if param is None:
+        if first["type"] in ("model_attributes_type", "model_type", "dict_type"):
+            return APIError(400, "the request body must be a JSON object")
+        return APIError(400, f"the request body is invalid: {first['msg']}")
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        return APIError(400, f"'{param}' is required", param)
+    return APIError(400, f"'{param}': {message}", param)
