@@ -32,6 +32,7 @@ import torch
 
 from leapdecode import presets
 from leapdecode.errors import InvalidSettingError, LeapdecodeError, ModelNotFoundError
+from leapdecode.runtime.convert import RuntimeInfo, apply_runtime, parse_weights
 
 
 @dataclass
@@ -45,6 +46,7 @@ class LoadedModel:
     context_length: int = 2048  # max positions the model accepts
     source: str = ""  # where the weights were read from: a folder, a .gguf file, or a cache folder
     from_cache: bool = False  # True when a GGUF/preset was read from leapdecode's dequantized cache
+    runtime: RuntimeInfo = field(default_factory=RuntimeInfo)  # weights mode and whether passes are exact
 
     @property
     def vocab_size(self) -> int:
@@ -423,9 +425,28 @@ def resolve_device(name: str | None = "auto") -> str:
     return str(device)
 
 
+def _gguf_behind(source: ModelSource, read_from: Path, from_cache: bool) -> Path | None:
+    """The GGUF file a preset or .gguf load came from (its blocks feed the quantized layers), if still there."""
+    if source.kind is SourceKind.GGUF:
+        return Path(source.location)
+    if source.kind is not SourceKind.PRESET:
+        return None
+    if not from_cache:
+        return read_from
+    try:
+        recorded = Path(json.loads((read_from / _CACHE_MARKER).read_text())["gguf"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return recorded if recorded.is_file() else None
+
+
 def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         progress: bool = True) -> LoadedModel:
+         progress: bool = True, weights: str | None = "auto") -> LoadedModel:
     """Load a preset name, a `.gguf` file, a local model folder, or a hub id from the local HF cache.
+
+    `weights` picks the runtime (runtime/convert.py): `int4` (the CPU default, "auto"; a GGUF's own 4-bit blocks
+    kept as they are), `int8`, `bf16`, or `fp32` (the float32 reference). Every mode but fp32 computes
+    row-invariant passes, which makes lossless methods bitwise identical to plain decoding.
 
     Raises ModelNotFoundError (one line, saying what was tried) when nothing matches, and for a preset
     whose packages are missing (with the pip command that installs them).
@@ -433,6 +454,10 @@ def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device:
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     source = resolve(spec)
+    try:
+        mode = parse_weights(weights, str(device))
+    except ValueError as exc:
+        raise InvalidSettingError(str(exc)) from None
     what = {
         SourceKind.PRESET: "preset",
         SourceKind.GGUF: "GGUF file",
@@ -444,13 +469,16 @@ def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device:
         if source.kind in (SourceKind.PRESET, SourceKind.GGUF):
             model, tokenizer, read_from, from_cache = _load_gguf(source, spec, dtype, progress)
             location = str(read_from)
+            gguf = _gguf_behind(source, read_from, from_cache)
         else:
             model, tokenizer = _load_folder_or_hub(source, spec, dtype)
-            location = source.location
+            location, gguf = source.location, None
         ensure_chat_template(tokenizer)
         model.eval()
         model.requires_grad_(False)
+        runtime = apply_runtime(model, mode, gguf)
         model.to(device)
+    _note(progress, runtime.describe())
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -459,6 +487,7 @@ def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device:
         context_length=context_length(model),
         source=location,
         from_cache=from_cache,
+        runtime=runtime,
     )
 
 

@@ -1,0 +1,119 @@
+"""Row-invariant attention: a token's attention output does not depend on the other rows of the pass.
+
+Registered with transformers' public `AttentionInterface` under the name `EXACT_ATTENTION` (and the stock SDPA
+mask builder under the same name in `AttentionMaskInterface`), selected with `model.set_attn_implementation`.
+
+Fused attention kernels split their work by the shape of the whole call (how many query rows, how many keys,
+which of them are masked), so the same token scored alone, as the k-th token of a chain, as a tree node or as one
+row of a ragged batch gets logits that differ in the last bits; after bf16 rounding that can flip an argmax and
+make "speculative output equals plain output" fail. Here every query row is computed by the same call a
+one-token decoding step makes: its query heads packed per key/value head (G = heads / kv heads rows), against
+exactly its visible keys, in cache order:
+
+```
+row (b, i) ──► visible keys of row i (from the mask, or causal when there is none)
+           ──► contiguous range: a view of the key/value tensors     (chains, decoding, prompts)
+               anything else:    the visible columns gathered        (tree nodes: prefix + ancestors)
+           ──► scaled_dot_product_attention(q (1, Hkv, G, D), k (1, Hkv, n, D), v) ──► row i's output
+```
+A one-token step is the same call with n = every key, so the results are bitwise equal whatever the pass looks
+like (tests/runtime/test_attention.py and the property tests check it). The visible-key plan is built once per
+mask and reused by every layer of the pass.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
+
+EXACT_ATTENTION = "leapdecode_exact"
+
+
+@dataclass(frozen=True)
+class RowKeys:
+    """The keys row (batch, query) attends to: a contiguous range [start, stop) or gathered columns."""
+
+    batch: int
+    query: int
+    start: int
+    stop: int
+    columns: torch.Tensor | None = None  # (n,) long, set when the visible keys are not contiguous
+
+
+class _PlanCache:
+    """The last plan built, keyed by the mask tensor it came from (one pass reuses it in every layer)."""
+
+    def __init__(self):
+        self.mask: torch.Tensor | None = None
+        self.shape: tuple = ()
+        self.plan: list[RowKeys] = []
+
+    def get(self, mask: torch.Tensor | None, batch: int, q: int, kv: int) -> list[RowKeys]:
+        shape = (batch, q, kv)
+        if self.plan and self.shape == shape and self.mask is mask:
+            return self.plan
+        self.plan = _plan(mask, batch, q, kv)
+        self.mask, self.shape = mask, shape
+        return self.plan
+
+
+def _plan(mask: torch.Tensor | None, batch: int, q: int, kv: int) -> list[RowKeys]:
+    if mask is None:  # causal, the queries being the last q keys
+        return [RowKeys(b, i, 0, kv - q + i + 1) for b in range(batch) for i in range(q)]
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    visible = visible[:, 0].expand(batch, q, kv).cpu()
+    plan = []
+    for b in range(batch):
+        for i in range(q):
+            cols = visible[b, i].nonzero().flatten()
+            if cols.numel() == 0:
+                plan.append(RowKeys(b, i, 0, 0))
+                continue
+            start, stop = int(cols[0]), int(cols[-1]) + 1
+            contiguous = stop - start == cols.numel()
+            plan.append(RowKeys(b, i, start, stop, None if contiguous else cols.to(mask.device)))
+    return plan
+
+
+_PLANS = threading.local()  # per thread: {layer kind: _PlanCache}
+
+
+def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    """query (B, H, q, D), key/value (B, Hkv, kv, D), mask (B, 1, q, kv) bool/additive or None (causal).
+    Returns (B, q, H, D) like transformers' other attention functions."""
+    if kwargs.get("softcap") is not None:
+        raise ValueError("the exact attention does not support attention logit soft-capping")
+    batch, heads, q, dim = query.shape
+    kv_heads, kv = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    layer_kind = "sliding" if kwargs.get("sliding_window") else "full"
+    caches = _PLANS.__dict__.setdefault("by_kind", {})
+    plan = caches.setdefault(layer_kind, _PlanCache()).get(attention_mask, batch, q, kv)
+    out = query.new_zeros(batch, q, heads, value.shape[-1])
+    for row in plan:
+        if row.stop == row.start:
+            continue
+        b = row.batch
+        if row.columns is None:
+            k = key[b:b + 1, :, row.start:row.stop]
+            v = value[b:b + 1, :, row.start:row.stop]
+        else:
+            k = key[b:b + 1].index_select(2, row.columns)
+            v = value[b:b + 1].index_select(2, row.columns)
+        qr = query[b:b + 1, :, row.query].reshape(1, kv_heads, group, dim)
+        o = F.scaled_dot_product_attention(qr, k, v, scale=scaling)
+        out[b, row.query] = o.reshape(heads, -1)
+    return out, None
+
+
+def register() -> str:
+    """Register the exact attention (idempotent); returns the name to pass to `set_attn_implementation`."""
+    AttentionInterface.register(EXACT_ATTENTION, exact_attention)
+    AttentionMaskInterface.register(EXACT_ATTENTION, sdpa_mask)
+    return EXACT_ATTENTION

@@ -1,0 +1,180 @@
+"""The one seam where a loaded transformers model gets its runtime: quantized modules and the exact attention.
+
+`apply_runtime(model, weights, gguf)` swaps every `nn.Linear` (and the input embedding) for a module of
+`quantized.py` and, in the modes that claim exactness, selects the row-invariant attention of `attention.py`
+through `set_attn_implementation`. Nothing else in the model changes: its modeling code, cache, masks and
+position ids are transformers' own.
+
+| `weights` | linear layers | embedding | attention | exact (row-invariant) |
+| --- | --- | --- | --- | --- |
+| `int4` (CPU default) | a GGUF's 4-bit blocks as they are (Q4_0/Q4_1/Q4_K), its higher-precision tensors as int8 per row; other checkpoints quantized to int4 groups of 32 | int8 per 32 values (Q8_0 exactly) | exact | yes |
+| `int8` | int8 per output row | int8 per 32 values | exact | yes |
+| `bf16` | dense bf16 | unchanged | exact | checked by the tests as for the others |
+| `fp32` (reference) | dense float32 (MKL) | unchanged | SDPA | no: identical up to floating-point noise |
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import attention
+from .gguf_blocks import FOUR_BIT, grouped_codes, permute_rows, q8_0_codes
+from .quantized import BF16Linear, Int4Linear, Int8Linear, QuantEmbedding
+
+
+class Weights(str, Enum):
+    INT4 = "int4"
+    INT8 = "int8"
+    BF16 = "bf16"
+    FP32 = "fp32"
+
+    @property
+    def exact(self) -> bool:
+        """Whether passes are row-invariant in this mode (a token's logits independent of the pass shape)."""
+        return self is not Weights.FP32
+
+
+WEIGHT_CHOICES = tuple(w.value for w in Weights)
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """How a loaded model computes: its weights mode, whether passes are exact, what each layer became."""
+
+    weights: Weights = Weights.FP32
+    exact: bool = False
+    layers: dict[str, int] = field(default_factory=dict)  # "int4 from GGUF Q4_1" -> count
+
+    def describe(self) -> str:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.layers.items())) or "dense float32"
+        return f"weights {self.weights.value} ({kinds}); {'exact' if self.exact else 'not row-invariant'} passes"
+
+
+def parse_weights(value: str | Weights | None, device: str) -> Weights:
+    """`None`/"auto" -> int4 on a CPU, fp32 elsewhere (the quantized kernels are CPU kernels)."""
+    if value is None or value == "auto":
+        return Weights.INT4 if str(device).startswith("cpu") else Weights.FP32
+    try:
+        chosen = Weights(value)
+    except ValueError:
+        raise ValueError(f"unknown weights {value!r}; use one of {', '.join(WEIGHT_CHOICES)} or auto") from None
+    if chosen in (Weights.INT4, Weights.INT8) and not str(device).startswith("cpu"):
+        raise ValueError(f"weights {chosen.value} run on the CPU kernels only; use --weights fp32 or bf16 on {device}")
+    return chosen
+
+
+# ----- GGUF tensors ---------------------------------------------------------------------------------------
+
+class GGUFTensors:
+    """The tensors of a GGUF file by HF module name, with llama's q/k row order undone."""
+
+    def __init__(self, path: str | Path, config):
+        import gguf
+
+        self.reader = gguf.GGUFReader(str(path))
+        self.by_name = {t.name: t for t in self.reader.tensors}
+        self.config = config
+        model_type = config.model_type.removesuffix("_text")
+        arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == model_type), None)
+        self.names = gguf.get_tensor_name_map(arch, config.num_hidden_layers) if arch is not None else None
+        self.model_type = model_type
+
+    def find(self, module_name: str):
+        if self.names is None:
+            return None
+        name = self.names.get_name(module_name)
+        tensor = self.by_name.get(f"{name}.weight") if name else None
+        if tensor is None and module_name.endswith("lm_head"):  # tied output layer
+            tensor = self.by_name.get("token_embd.weight")
+        return tensor
+
+    def row_order(self, module_name: str, rows: int) -> np.ndarray | None:
+        """GGUF stores llama's q/k rows interleaved for its rotary code; the HF order, or None if unchanged."""
+        if self.model_type != "llama" or not module_name.endswith(("q_proj", "k_proj")):
+            return None
+        cfg = self.config
+        heads = cfg.num_attention_heads if module_name.endswith("q_proj") else cfg.num_key_value_heads
+        return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(2, 1).reshape(rows)
+
+
+def _dense(tensor) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    return dequantize(tensor.data, tensor.tensor_type).reshape(tensor.data.shape[0], -1)
+
+
+def _int4_from_gguf(tensor, hf_weight: torch.Tensor, order: np.ndarray | None) -> Int4Linear | None:
+    kind = tensor.tensor_type.name
+    raw, dense = tensor.data, _dense(tensor)
+    if order is not None:
+        raw, dense = permute_rows(raw, order), permute_rows(dense, order)
+    if dense.shape != tuple(hf_weight.shape) or not np.array_equal(dense, hf_weight.float().numpy()):
+        return None  # not the tensor the model holds: quantize from the model's weight instead
+    codes = grouped_codes(kind, np.ascontiguousarray(raw), dense)
+    return Int4Linear(codes.codes, codes.scales, codes.zeros)
+
+
+# ----- the swap ---------------------------------------------------------------------------------------------
+
+def _linear_for(name: str, linear: nn.Linear, weights: Weights, gguf: GGUFTensors | None) -> tuple[nn.Module, str]:
+    w, b = linear.weight, linear.bias
+    if weights is Weights.BF16:
+        return BF16Linear(w, b), "bf16"
+    if weights is Weights.INT8 or not Int4Linear.supports(*w.shape):
+        return Int8Linear.from_float(w, b), "int8 per row"
+    tensor = gguf.find(name) if gguf is not None else None
+    if tensor is None:
+        return Int4Linear.from_float(w, b), "int4 quantized on load"
+    kind = tensor.tensor_type.name
+    if kind in FOUR_BIT:
+        module = _int4_from_gguf(tensor, w, gguf.row_order(name, w.shape[0]))
+        if module is not None:
+            if b is not None:
+                module.bias = nn.Parameter(b.detach().float(), requires_grad=False)
+            return module, f"int4 from GGUF {kind}"
+        return Int4Linear.from_float(w, b), "int4 quantized on load"
+    return Int8Linear.from_float(w, b), f"int8 per row from GGUF {kind}"
+
+
+def _embedding_for(name: str, emb: nn.Embedding, gguf: GGUFTensors | None) -> tuple[nn.Module, str]:
+    multiplier = getattr(emb, "embed_scale", None)  # Gemma's scaled embedding (a buffer of that module class)
+    tensor = gguf.find(name) if gguf is not None else None
+    if tensor is not None and tensor.tensor_type.name == "Q8_0" and tuple(tensor.data.shape)[0] == emb.weight.shape[0]:
+        blocks = q8_0_codes(np.ascontiguousarray(tensor.data), emb.weight.shape[0])
+        module = QuantEmbedding(blocks.codes, blocks.scales, multiplier, emb.padding_idx)
+        if torch.equal(module.weight, emb.weight.float()):
+            return module, "int8 embedding from GGUF Q8_0"
+    return QuantEmbedding.from_float(emb.weight, multiplier, emb.padding_idx), "int8 embedding per 32"
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def apply_runtime(model: nn.Module, weights: Weights, gguf_path: str | Path | None = None) -> RuntimeInfo:
+    """Swap the model's layers for the `weights` mode in place; returns what each layer became."""
+    if weights is Weights.FP32:
+        return RuntimeInfo(Weights.FP32, exact=False)
+    gguf = GGUFTensors(gguf_path, model.config.get_text_config()) if gguf_path is not None else None
+    counts: Counter[str] = Counter()
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # the output layer gets its own module from here on
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear):
+                new, kind = _linear_for(name, module, weights, gguf)
+            elif isinstance(module, nn.Embedding) and weights is not Weights.BF16 and name.endswith("embed_tokens"):
+                new, kind = _embedding_for(name, module, gguf)
+            else:
+                continue
+            _replace(model, name, new)
+            counts[kind] += 1
+    model.set_attn_implementation(attention.register())
+    return RuntimeInfo(weights, exact=weights.exact, layers=dict(counts))

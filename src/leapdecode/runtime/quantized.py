@@ -1,0 +1,178 @@
+"""Quantized modules that run on torch's CPU weight-only kernels, each a drop-in for `nn.Linear`/`nn.Embedding`.
+
+| module | weight storage | kernel | activations |
+| --- | --- | --- | --- |
+| `Int4Linear` | 4-bit codes in groups of 32 along the input, W = (q - 8) * scale + zero | `_weight_int4pack_mm_for_cpu` | bf16 |
+| `Int8Linear` | int8 codes, one scale per output row, W = q * scale | `_weight_int8pack_mm` | bf16 |
+| `BF16Linear` | the dense weight in bf16 | `torch.matmul` | bf16 |
+| `QuantEmbedding` | int8 codes, one scale per 32 values of a row (exactly GGUF's Q8_0) | gather + multiply | float32 |
+
+Every module takes and returns the model's float32 hidden states: the input is rounded to bf16 for the kernel and
+the output widened back, so norms, rotary embeddings, the residual stream and attention stay in float32.
+The int4 and int8 kernels are row-invariant (a row's output does not depend on how many rows share the call),
+which the exact runtime relies on; `tests/runtime/test_quantized.py` checks it.
+
+`weight` is kept for callers that read the dense matrix (trained drafters' heads, draft vocabularies): it is
+dequantized on first use and cached, so a plain decoding run never holds a float32 copy.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GROUP = 32  # int4 group size along the input dimension (GGUF's block size)
+
+
+def _round_trip(x: torch.Tensor, features: int) -> torch.Tensor:
+    return x.reshape(-1, features).to(torch.bfloat16)
+
+
+class _QuantLinear(nn.Module):
+    """Shared parts: shapes, optional float32 bias, the lazily dequantized `weight`."""
+
+    in_features: int
+    out_features: int
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self._dense: torch.Tensor | None = None
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # (R, in) bf16 -> (R, out) bf16
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._matmul(_round_trip(x, self.in_features)).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (out, in) float32 weight the kernel computes with (dequantized once, then cached)."""
+        if self._dense is None:
+            eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+            with torch.no_grad():
+                self._dense = self._matmul(eye).float().t().contiguous()
+        return self._dense
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int4Linear(_QuantLinear):
+    """y = x W^T (+ b), W held as 4-bit codes with a bf16 scale and zero per group of 32 inputs."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        """codes (out, in) integers in [0, 15]; scales, zeros (out, in / 32): W = (codes - 8) * scale + zero."""
+        out_features, in_features = codes.shape
+        super().__init__(in_features, out_features, bias)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        self.register_buffer("packed", packed)  # (out, in / 2) uint8
+        sz = torch.stack([scales.float().t(), zeros.float().t()], dim=-1)  # (in / 32, out, 2)
+        self.register_buffer("scales_zeros", sz.to(torch.bfloat16).contiguous())
+
+    @classmethod
+    def supports(cls, out_features: int, in_features: int) -> bool:
+        return out_features % 16 == 0 and in_features % GROUP == 0
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int4Linear":
+        """Asymmetric min/max quantization of a dense weight, per group of 32 inputs (lossy)."""
+        w = weight.detach().float()
+        groups = w.reshape(w.shape[0], -1, GROUP)
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        scale = (hi - lo) / 15
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = ((groups - lo.unsqueeze(-1)) / safe.unsqueeze(-1)).round().clamp(0, 15)
+        return cls(codes.reshape(w.shape), scale, lo + 8 * scale, bias)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
+
+
+class Int8Linear(_QuantLinear):
+    """y = x W^T (+ b), W held as int8 codes with one bf16 scale per output row."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
+        out_features, in_features = codes.shape
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("scales", scales.float().to(torch.bfloat16).contiguous())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        """Symmetric per-row quantization of a dense weight (lossy, small)."""
+        w = weight.detach().float()
+        scale = w.abs().amax(-1) / 127
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return cls((w / safe.unsqueeze(-1)).round().clamp(-127, 127), scale, bias)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
+
+
+class BF16Linear(_QuantLinear):
+    """y = x W^T (+ b) with the dense weight rounded to bf16."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        out_features, in_features = weight.shape
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("dense", weight.detach().to(torch.bfloat16).contiguous())
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.dense.t()
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table held as int8 codes with a float32 scale per 32 values of a row.
+
+    GGUF's Q8_0 blocks are exactly this layout, so a Q8_0 table is represented without loss; other tables are
+    quantized per block of 32 (symmetric). `multiplier` reproduces scaled embeddings (Gemma multiplies by
+    sqrt(hidden)) in the same float32 arithmetic as the module it replaces.
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, multiplier: torch.Tensor | None = None,
+                 padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = codes.shape
+        self.padding_idx = padding_idx
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())  # (V, H)
+        self.register_buffer("scales", scales.float().contiguous())  # (V, H / 32)
+        self.multiplier = multiplier
+        self._dense: torch.Tensor | None = None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, multiplier: torch.Tensor | None = None,
+                   padding_idx: int | None = None) -> "QuantEmbedding":
+        w = weight.detach().float()
+        blocks = w.reshape(w.shape[0], -1, GROUP)
+        scale = blocks.abs().amax(-1) / 127
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = (blocks / safe.unsqueeze(-1)).round().clamp(-127, 127)
+        return cls(codes.reshape(w.shape), scale, multiplier, padding_idx)
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        q = self.codes[ids].float()
+        s = self.scales[ids]
+        out = (q.reshape(*q.shape[:-1], -1, GROUP) * s.unsqueeze(-1)).reshape(q.shape)
+        if self.multiplier is not None:
+            out = out * self.multiplier.to(out.dtype)
+        return out
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._rows(ids)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (V, H) float32 table, without the multiplier (dequantized once, then cached)."""
+        if self._dense is None:
+            q = self.codes.float()
+            self._dense = (q.reshape(q.shape[0], -1, GROUP) * self.scales.unsqueeze(-1)).reshape(q.shape)
+        return self._dense
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per 32"
