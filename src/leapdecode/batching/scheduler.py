@@ -202,12 +202,13 @@ class BatchEngine:
         that row."""
         failed: dict[int, str] = {}  # row index -> error
         cap = max(1, self.step_draft_budget // len(self.rows))
+        produced = [row.produced for row in self.rows]
         decode_step(self.rows, RaggedScorer(self.target.model, self.cache, self.lm.device), self.cut, cap, failed)
         self.metrics.batch_passes += 1
         self.metrics.row_passes += len(self.rows)
         for b, row in enumerate(self.rows):
             if b not in failed:
-                self.metrics.tokens_generated += len(row.new)
+                self.metrics.tokens_generated += row.produced - produced[b]
                 self._emit(row)
         self._fail({id(self.rows[b]): message for b, message in failed.items()})
         self._drop([r for r in self.rows if r.finished], cancelled=False)
