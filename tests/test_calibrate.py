@@ -28,7 +28,9 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def test_calibrate_skip_command_writes_a_config_that_self_spec_uses_losslessly(model_dir, tmp_path, capsys):
+def test_calibrate_skip_command_writes_a_config_that_self_spec_uses_losslessly(model_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    monkeypatch.setenv("LEAPDECODE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "skip.json"
     code = main(["calibrate-skip", "--model", model_dir, "--device", "cpu", "--prompts", "2",
                  "--max-new-tokens", "6", "--out", str(out)])
@@ -42,6 +44,8 @@ def test_calibrate_skip_command_writes_a_config_that_self_spec_uses_losslessly(m
     ar, spec = Decoder(target, "ar"), Decoder(target, "self-spec", skip_config=str(out))
     for prompt in PROMPTS:
         assert spec.generate(prompt, max_new_tokens=16).token_ids == ar.generate(prompt, max_new_tokens=16).token_ids
+    # also remembered for this model: self-spec without a skip set uses it (a 4-layer default would be empty)
+    assert Decoder(target, "self-spec").drafter.skip == spec.drafter.skip
 
 
 def test_train_router_command_then_first_uses_the_routers(model_dir, tmp_path, capsys):

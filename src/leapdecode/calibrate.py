@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .drafters.self_spec import remember_calibration
 from .errors import InvalidSettingError
 from .layer_skip import Gate, SkipSet, gated, num_layers
 
@@ -158,14 +159,16 @@ def cmd_calibrate(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    target = load(args.model, device=resolve_device(args.device))
+    target = load(args.model, device=resolve_device(args.device), weights=args.weights)
     prompts = calibration_ids(target, args.prompts)
     started = time.perf_counter()
     config = calibrate(target, prompts, args.max_new_tokens, args.num_draft_tokens)
     out = Path(args.out or f"skip-{Path(str(args.model)).name}.json")
     out.write_text(json.dumps(config, indent=2) + "\n")
+    cached = remember_calibration(target.model, config)
     print(f"chose {config['chosen']} ({config['measured_speedup']:.2f}x measured) in "
-          f"{time.perf_counter() - started:.0f} s; wrote {out}\nuse: --method self-spec --skip-config {out}")
+          f"{time.perf_counter() - started:.0f} s; wrote {out} and {cached}\n"
+          f"use: --method self-spec (this model's default skip set from now on) or --skip-config {out}")
     return 0
 
 
@@ -183,7 +186,7 @@ def cmd_train_router(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    target = load(args.model, device=resolve_device(args.device))
+    target = load(args.model, device=resolve_device(args.device), weights=args.weights)
     texts = continuation_texts(target, calibration_ids(target, args.prompts), args.max_new_tokens)
     routers, report = train_routers(target.model, texts, steps=args.steps, lr=args.lr, sparsity=args.sparsity,
                                     generator=make_generator(args.seed), model_name=target.name, log=sys.stderr)

@@ -21,7 +21,7 @@ def _self_spec(build: MethodBuild):
     opts = take_options(build.options, SELF_SPEC_OPTIONS, "self-spec")
     model = build.target.model
     skip = resolve_skip_set(model, opts["skip_config"], opts["skip_layers"], opts["skip_attention"], opts["skip_ffn"],
-                            opts["draft_layers"])
+                            opts["draft_layers"], model_name=build.target.name)
     try:
         return SelfSpecDrafter(model, skip, num_draft_tokens=opts["num_draft_tokens"], adaptive=opts["adaptive"],
                                confidence_threshold=opts["confidence_threshold"])

@@ -24,7 +24,7 @@ def _network(build: MethodBuild, kind: str, folder):
     key = ("trained-drafter", kind, folder)
     if shared is not None and key in shared:
         return shared[key]
-    folder = folder or checkpoint.default_drafter(build.target.model, kind)
+    folder = folder or checkpoint.default_drafter(build.target.model, kind, build.target.name)
     _, net = checkpoint.load_drafter(folder, build.target.model, kind=kind)
     loaded = (net, checkpoint.load_draft_vocab(folder))
     if shared is not None:

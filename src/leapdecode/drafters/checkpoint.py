@@ -158,11 +158,15 @@ def remember_default(target_model: torch.nn.Module, kind: str, folder: str | Pat
     return path
 
 
-def default_drafter(target_model: torch.nn.Module, kind: str) -> Path:
+def default_drafter(target_model: torch.nn.Module, kind: str, model_name: str | None = None) -> Path:
+    """The drafter last trained for this target and kind; without one, an error naming the command to run
+    (`model_name`, the name the user gave the target, goes into it)."""
     path = _pointer(target_model, kind)
     if path.is_file():
         folder = Path(json.loads(path.read_text())["path"])
         if (folder / CONFIG).is_file():
             return folder
-    raise InvalidSettingError(f"no trained {kind} drafter for this model: pass --option drafter=DIR, or train "
-                              f"one with `leapdecode train-drafter --kind {kind} --out DIR`")
+    model = model_name or "MODEL"
+    raise InvalidSettingError(f"{kind} needs a drafter trained for this model and none is found: train one with "
+                              f"`leapdecode train-drafter --model {model} --kind {kind} --out runs/{kind}` (then it "
+                              f"is this model's default), or pass --drafter DIR")

@@ -16,6 +16,7 @@ distribution.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ..layer_skip import SkipSet, StaticGate, gated, num_layers
@@ -60,8 +61,67 @@ def default_skip_set(total: int) -> SkipSet:
     return SkipSet.of(layers=range(total // 4 + 1, total - 2, 2))
 
 
+def calibrated_skip_path(model) -> Path:
+    """Where `leapdecode calibrate-skip` keeps the skip set it chose for this model (keyed by a fingerprint
+    of its weights), so that `self-spec` without a skip set uses it."""
+    from ..loading import cache_root
+    from .checkpoint import target_fingerprint
+
+    return cache_root() / "skip" / f"{target_fingerprint(model)}.json"
+
+
+def remember_calibration(model, config: dict) -> Path:
+    """Keep a calibrated skip config as this model's default skip set (see `calibrated_skip_path`)."""
+    path = calibrated_skip_path(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def calibrate_command(model_name: str | None) -> str:
+    return f"leapdecode calibrate-skip --model {model_name or 'MODEL'}"
+
+
+_NOTICES_GIVEN: set[str] = set()
+
+
+def _notice_once(key: str, message: str) -> None:
+    """One line on stderr, once per process and key (a server builds a drafter per request)."""
+    if key not in _NOTICES_GIVEN:
+        _NOTICES_GIVEN.add(key)
+        print(f"leapdecode: {message}", file=sys.stderr, flush=True)
+
+
+def _default_for(model, total: int, model_name: str | None) -> SkipSet:
+    """The calibrated skip set cached for this model, else the uncalibrated default, said in one line."""
+    path = calibrated_skip_path(model)
+    if path.is_file():
+        skip = load_skip_config(path, total)
+        try:
+            measured = float(json.loads(path.read_text()).get("measured_speedup") or 0.0)
+        except (OSError, ValueError, TypeError, AttributeError):
+            measured = 0.0
+        if 0.0 < measured < 1.0:
+            _notice_once(path.name, f"self-spec: the best skip set calibrated for this model ran at {measured:.2f}x "
+                         f"of ar when it was measured ({path}): self-spec does not pay on this model here")
+        return skip
+    skip = default_skip_set(total)
+    if skip.size == 0:
+        raise InvalidSettingError(f"self-spec: the default skip set is empty for this {total}-layer model: the draft "
+                                  f"would be the full model; give one (`--skip-config PATH`, "
+                                  f"`--option skip_layers=...`) or run `{calibrate_command(model_name)}`")
+    _notice_once(path.name, "self-spec: no calibrated skip set for this model, so the uncalibrated default (every "
+                 "other upper layer) is used; it accepts few drafts and is usually slower than ar. Run "
+                 f"`{calibrate_command(model_name)}` once: self-spec then uses its result for this model")
+    return skip
+
+
 def resolve_skip_set(model, skip_config=None, skip_layers=None, skip_attention=None, skip_ffn=None,
-                     draft_layers=None) -> SkipSet:
+                     draft_layers=None, model_name: str | None = None) -> SkipSet:
+    """The skip set the options name; with none: the one `calibrate-skip` cached for this model, else the
+    uncalibrated default with a one-line notice on stderr (`model_name` goes into the command it names)."""
     total = num_layers(model)
     given = [x for x in (skip_config, draft_layers) if x not in (None, "")]
     explicit = any(x not in (None, "", []) for x in (skip_layers, skip_attention, skip_ffn))
@@ -76,7 +136,7 @@ def resolve_skip_set(model, skip_config=None, skip_layers=None, skip_attention=N
     elif explicit:
         skip = SkipSet.of(skip_layers or (), skip_attention or (), skip_ffn or ())
     else:
-        skip = default_skip_set(total)
+        skip = _default_for(model, total, model_name)
     skip.check(total)
     if skip.size == 0:
         raise InvalidSettingError("the skip set is empty: the draft would be the full model")
