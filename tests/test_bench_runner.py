@@ -167,7 +167,7 @@ def test_ctrl_c_keeps_complete_questions_only(tmp_path):
 
 
 def test_cli_ctrl_c_exits_130_after_writing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench_cli, "_load_model", lambda spec, device="cpu": _target())
+    monkeypatch.setattr(bench_cli, "_load_model", lambda spec, device="cpu", weights="auto": _target())
     real = bench_cli.run_benchmark
     monkeypatch.setattr(bench_cli, "run_benchmark", lambda *a, **kw: real(
         *a, **{**kw, "runner_factory": _fake_factory([], interrupt_on=32), "plots": False}))
@@ -242,7 +242,7 @@ def _questions_file(tmp_path, questions):
 
 
 def test_wrong_lossless_method_is_flagged_and_fails_strict(tmp_path, monkeypatch, capsys, broken_method):
-    monkeypatch.setattr(bench_cli, "_load_model", lambda spec, device="cpu": _target())
+    monkeypatch.setattr(bench_cli, "_load_model", lambda spec, device="cpu", weights="auto": _target())
     qfile = _questions_file(tmp_path, QUESTIONS[:2])
     args = ["bench", "--questions", str(qfile), "--methods", "ar,broken,pld", "--max-new-tokens", "8",
             "--no-progress"]
@@ -268,7 +268,7 @@ def test_wrong_lossless_method_is_flagged_and_fails_strict(tmp_path, monkeypatch
 # ----- input errors, all before any model loads ----------------------------------------------------
 
 
-def _no_loading(spec, device="cpu"):
+def _no_loading(spec, device="cpu", weights="auto"):
     raise AssertionError(f"a model was loaded ({spec}) before the input was checked")
 
 

@@ -114,7 +114,7 @@ def test_not_installed_is_one_clear_line_before_loading(no_llama_cpp, tmp_path, 
         check_methods("ar,llamacpp-pld", has_draft=False)
     require_llamacpp(["ar", "hf-ar"])  # nothing asked of llama.cpp: no error
 
-    def no_loading(spec, device="cpu"):
+    def no_loading(spec, device="cpu", weights="auto"):
         raise AssertionError("a model was loaded before the methods were checked")
 
     monkeypatch.setattr(bench_cli, "_load_model", no_loading)

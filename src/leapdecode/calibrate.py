@@ -159,7 +159,7 @@ def cmd_calibrate(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    target = load(args.model, device=resolve_device(args.device))
+    target = load(args.model, device=resolve_device(args.device), weights=args.weights)
     prompts = calibration_ids(target, args.prompts)
     started = time.perf_counter()
     config = calibrate(target, prompts, args.max_new_tokens, args.num_draft_tokens)
@@ -186,7 +186,7 @@ def cmd_train_router(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    target = load(args.model, device=resolve_device(args.device))
+    target = load(args.model, device=resolve_device(args.device), weights=args.weights)
     texts = continuation_texts(target, calibration_ids(target, args.prompts), args.max_new_tokens)
     routers, report = train_routers(target.model, texts, steps=args.steps, lr=args.lr, sparsity=args.sparsity,
                                     generator=make_generator(args.seed), model_name=target.name, log=sys.stderr)

@@ -60,6 +60,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise LeapdecodeError("the prompt is empty")
     spec = get_method(args.method)
     options = parse_options(args.option)
+    from .kv_compress import options_from_args  # --kv-cache, --kv-bits, ...: a compressed KV cache (lossy)
+
+    options.update(options_from_args(args))
     options.update(file_flag_options(args, args.method, options))
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, stop=args.stop)
@@ -69,8 +72,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if spec.needs_draft_model and not args.draft_model:
         raise LeapdecodeError(f"method {args.method!r} needs --draft-model")
     device = resolve_device(args.device)
-    target = load(args.model, device=device)
-    draft = load(args.draft_model, device=device) if args.draft_model else None
+    target = load(args.model, device=device, weights=args.weights)
+    draft = load(args.draft_model, device=device, weights=args.weights) if args.draft_model else None
     decoder = Decoder(target, args.method, draft=draft, **options)
     chat = target.has_chat_template and not args.no_chat
     if not args.compare:
@@ -88,7 +91,9 @@ def _compare(args, target, draft, decoder, prompt, chat, settings) -> int:
     from . import Decoder
     from .peers import hf_generate
 
-    runners = {"ar": Decoder(target, "ar")}
+    from .kv_compress import options_from_args
+
+    runners = {"ar": Decoder(target, "ar", **options_from_args(args))}  # on the same KV cache
     if args.method != "ar":
         runners[args.method] = decoder
     prompt_ids = runners["ar"].encode_prompt(prompt, chat=chat)
@@ -141,6 +146,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for s in specs:
         print(f"{s.name.ljust(width)}  {s.promise:8}  {s.description}")
     print(f"\npeers for `leapdecode bench`: {', '.join(PEER_METHODS)} (transformers generate())")
+    print("KV-cache compression (--kv-cache quant|gear, with any method) is lossy; a lossless method on a "
+          "compressed cache gives the tokens ar gives on that cache")
     return 0
 
 
@@ -158,7 +165,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMAND_MODULES = (".bench.cli", ".training.cli", ".server.cli", ".calibrate")
+SUBCOMMAND_MODULES = (".bench.cli", ".bench.perplexity", ".training.cli", ".server.cli", ".calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(g)
     g.add_argument("--method", default="pld", help="decoding method (see `leapdecode methods`; default pld)")
     add_sampling_arguments(g)
+    from .kv_compress import add_arguments as add_kv_arguments
+
+    add_kv_arguments(g)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. num_draft_tokens=8")
     add_file_flag_arguments(g)

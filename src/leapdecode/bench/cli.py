@@ -45,6 +45,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    f"method@key=value@key=value (e.g. ffn-skip@fraction=0.3) (default {DEFAULT_METHODS}; "
                    f"valid: {', '.join(valid_method_names())})")
     add_file_flag_arguments(p)  # --skip-config, --drafter: for every method in --methods that takes them
+    from leapdecode.kv_compress import add_arguments as add_kv_arguments
+
+    add_kv_arguments(p)  # --kv-cache ...: every engine method runs on that cache (its own @kv_cache= wins)
     p.add_argument("--questions", default="suite",
                    help="Spec-Bench-style JSONL file, or 'suite' (benchmarks/suite.jsonl, the default) or "
                    "'spec-bench' (Spec-Bench's 480 questions, shipped with leapdecode; $LEAPDECODE_SPEC_BENCH overrides)")
@@ -89,6 +92,10 @@ def command_line(args: argparse.Namespace, methods: list[str]) -> str:
         parts += ["--threads", str(args.threads)]
     if getattr(args, "device", "auto") != "auto":
         parts += ["--device", args.device]
+    if getattr(args, "weights", "auto") != "auto":
+        parts += ["--weights", args.weights]
+    if getattr(args, "kv_cache", "none") != "none":
+        parts += ["--kv-cache", args.kv_cache, "--kv-bits", str(args.kv_bits)]
     parts += ["--out", args.out]
     if args.strict:
         parts.append("--strict")
@@ -114,11 +121,11 @@ def method_file_options(args: argparse.Namespace, methods: list[str]) -> dict[st
     return out
 
 
-def _load_model(spec: str, device: str = "cpu"):
+def _load_model(spec: str, device: str = "cpu", weights: str = "auto"):
     """Load a model (a seam for tests, which substitute tiny models)."""
     from leapdecode import load
 
-    return load(spec, device=device)
+    return load(spec, device=device, weights=weights)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -127,6 +134,13 @@ def run_bench(args: argparse.Namespace) -> int:
                              temperature=args.temperature, seed=args.seed)
     methods = check_methods(args.methods, has_draft=bool(args.draft_model), settings=settings)
     method_options = method_file_options(args, methods)
+    from leapdecode.kv_compress import options_from_args
+    from leapdecode.methods import all_methods
+
+    engine_methods, kv = {s.name for s in all_methods()}, options_from_args(args)
+    for m in methods:
+        if kv and split_variant(m)[0] in engine_methods and "kv_cache" not in split_variant(m)[1]:
+            method_options.setdefault(m, {}).update(kv)
     path = resolve_questions_path(args.questions)
     questions = load_questions(path, categories=args.categories, per_category=args.per_category)
     if args.threads is not None and args.threads < 1:
@@ -144,8 +158,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from leapdecode.loading import resolve_device
 
     device = resolve_device(args.device)
-    target = _load_model(args.model, device)
-    draft = _load_model(args.draft_model, device) if use_draft else None
+    target = _load_model(args.model, device, args.weights)
+    draft = _load_model(args.draft_model, device, args.weights) if use_draft else None
     if draft is not None:
         from leapdecode.loading import check_draft_compatible
 

@@ -70,8 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise LeapdecodeError("--max-tokens-limit must be >= 1")
     device = resolve_device(args.device)
-    target = load(args.model, device=device)
-    draft = load(args.draft_model, device=device) if args.draft_model else None
+    target = load(args.model, device=device, weights=args.weights)
+    draft = load(args.draft_model, device=device, weights=args.weights) if args.draft_model else None
     engine = BatchEngine(target, methods, draft=draft,
                          max_batch_size=args.max_batch_size, step_draft_budget=args.step_draft_budget,
                          fit_width=not args.fixed_draft_width)

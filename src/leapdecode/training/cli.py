@@ -84,7 +84,9 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     started = time.time()
     deadline = started + args.max_minutes * 60
-    target = load(args.model, device=resolve_device(args.device))
+    # training backpropagates through the target's output layer: its float32 reference unless asked otherwise
+    weights = "fp32" if args.weights == "auto" else args.weights
+    target = load(args.model, device=resolve_device(args.device), weights=weights)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = target_fingerprint(target.model)

@@ -184,7 +184,8 @@ def cmd_distill_draft(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     started = time.time()
     device = resolve_device(args.device)
-    target, draft = load(args.model, device=device), load(args.draft_model, device=device)
+    target = load(args.model, device=device)
+    draft = load(args.draft_model, device=device, weights="fp32")  # fine-tuned: dense float32 weights
     check_draft_compatible(target, draft)
     if args.self_distill is None and not args.data:
         args.self_distill = 200

@@ -1,0 +1,211 @@
+"""`leapdecode perplexity`: a model's perplexity over a long text, fed block by block through its KV cache.
+
+The text (a file, or the built-in one) is tokenized and cut to `--max-tokens`; its tokens are fed in blocks of
+`--chunk` (64) through a `CausalLM` whose cache is the one chosen (`--kv-cache none|quant|gear|hf-quanto`), and
+the negative log-likelihood of every next token is summed. Fed this way every prediction reads the cache as
+decoding would: on a compressed cache, the older tokens through their compressed blocks. The bytes the cache
+holds at the end (its real tensors) are reported next to what a bfloat16 cache of the same context takes.
+
+With `--agreement N`, each compressed cache also generates N tokens greedily (`ar`) after the text, and the
+tokens are compared with those of the uncompressed cache.
+
+The built-in text is Python's own documentation topics (`pydoc_data.topics`, the pages `help()` shows: the
+language reference), its topics joined in sorted order: it ships with every Python, needs no download, and is
+the same for one Python version.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, replace
+
+import torch
+
+from leapdecode.errors import InvalidSettingError
+from leapdecode.kv_compress import KINDS, KVSettings, kv_bytes, make_cache_factory
+
+BUILTIN = "python-docs"
+
+
+def builtin_text() -> tuple[str, str]:
+    """(description, text): Python's documentation topics, sorted by topic name."""
+    import platform
+
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return f"pydoc_data.topics (Python {platform.python_version()}, topics in sorted order)", text
+
+
+@dataclass
+class PerplexityResult:
+    kv: str  # the cache's label
+    tokens: int  # tokens fed
+    nll: float  # mean negative log-likelihood (nats) over tokens[1:]
+    kv_bytes: int  # bytes the cache held after the whole text
+    bf16_bytes: int  # a bfloat16 cache of the same context
+    agreement: float | None = None  # generated tokens equal to the uncompressed cache's, position by position
+    same_prefix: int | None = None  # generated tokens before the first difference
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+
+def _bf16_bytes(model, tokens: int) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers * 2 * heads * head_dim * tokens * 2
+
+
+def perplexity(target, ids: list[int], settings: KVSettings | None, chunk: int = 64) -> PerplexityResult:
+    """Mean NLL of `ids[1:]` fed in blocks of `chunk` through a cache made from `settings` (None: plain)."""
+    from leapdecode.lm import CausalLM
+
+    if len(ids) < 2:
+        raise InvalidSettingError("the text has fewer than 2 tokens")
+    lm = CausalLM(target.model, cache_factory=make_cache_factory(settings, target.model))
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(ids), chunk):
+            block = torch.tensor([ids[start:start + chunk]], dtype=torch.long)
+            logits = lm.forward(block).float()[0]  # (T, V): row i predicts ids[start + i + 1]
+            nxt = torch.tensor(ids[start + 1:start + 1 + block.shape[1]], dtype=torch.long, device=logits.device)
+            rows = logits[: nxt.shape[0]]
+            total += torch.nn.functional.cross_entropy(rows, nxt, reduction="sum").item()
+            count += nxt.shape[0]
+    label = settings.label if settings is not None else "none"
+    return PerplexityResult(label, len(ids), total / count, kv_bytes(lm.cache), _bf16_bytes(target.model, len(ids)))
+
+
+def agreement(target, ids: list[int], settings: KVSettings | None, reference: list[int] | None,
+              new_tokens: int) -> tuple[list[int], float | None, int | None]:
+    """Generate `new_tokens` greedily (ar) after `ids` on the cache of `settings`; compare with `reference`."""
+    from leapdecode import Decoder
+
+    options = {} if settings is None else {"kv_cache": settings.kind, "kv_bits": settings.bits,
+                                           "kv_rank": settings.rank, "kv_outliers": settings.outliers,
+                                           "kv_window": settings.window, "kv_block": settings.block}
+    out = Decoder(target, "ar", **options).generate(list(ids), max_new_tokens=new_tokens).token_ids
+    if reference is None:
+        return out, None, None
+    n = min(len(out), len(reference))
+    same = sum(a == b for a, b in zip(out, reference)) / max(1, n)
+    prefix = next((i for i, (a, b) in enumerate(zip(out, reference)) if a != b), n)
+    return out, same, prefix
+
+
+def settings_list(kinds: str, bits: str, base: KVSettings) -> list[KVSettings | None]:
+    """--kv-cache none,quant,gear x --kv-bits 4,2 -> the settings to run (none once, first)."""
+    names = [k.strip() for k in kinds.split(",") if k.strip()]
+    unknown = [k for k in names if k not in KINDS]
+    if unknown or not names:
+        raise InvalidSettingError(f"--kv-cache takes a comma-separated list of {', '.join(KINDS)}")
+    try:
+        widths = [int(b) for b in bits.split(",") if b.strip()]
+    except ValueError:
+        raise InvalidSettingError(f"--kv-bits takes a comma-separated list of 2, 4, 8, got {bits!r}") from None
+    out: list[KVSettings | None] = [None] if "none" in names else []
+    for b in widths:
+        for k in names:
+            if k != "none":
+                out.append(replace(base, kind=k, bits=b))
+    return out
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from leapdecode.arguments import add_model_arguments
+
+    p = subparsers.add_parser(
+        "perplexity",
+        help="perplexity of a model over a long text, through a (compressed) KV cache",
+        description="Feed a text block by block through the model's KV cache and report perplexity and the "
+        "bytes the cache holds. Compressed caches (quant, gear, hf-quanto) are lossy.",
+    )
+    add_model_arguments(p)
+    p.add_argument("--text", default=BUILTIN, metavar="FILE",
+                   help=f"a UTF-8 text file, or {BUILTIN!r} (Python's documentation topics, shipped with Python; "
+                   "the default)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="tokens of the text to use (default 2048)")
+    p.add_argument("--chunk", type=int, default=64, help="tokens fed per model call (default 64)")
+    p.add_argument("--kv-cache", default="none,quant,gear",
+                   help=f"comma-separated caches to compare: {', '.join(KINDS)} (default none,quant,gear; "
+                   "hf-quanto is transformers' QuantizedCache, needs optimum-quanto)")
+    p.add_argument("--kv-bits", default="4", help="comma-separated bit widths, e.g. 4,2 (default 4)")
+    d = KVSettings()
+    p.add_argument("--kv-rank", type=int, default=d.rank, help=f"gear: rank per head and block (default {d.rank})")
+    p.add_argument("--kv-outliers", type=float, default=d.outliers,
+                   help=f"gear: fraction of entries kept exactly (default {d.outliers})")
+    p.add_argument("--kv-window", type=int, default=d.window, help=f"tokens always exact (default {d.window})")
+    p.add_argument("--kv-block", type=int, default=d.block, help=f"tokens compressed together (default {d.block})")
+    p.add_argument("--agreement", type=int, default=0, metavar="N",
+                   help="also generate N tokens greedily after the text and compare them with the uncompressed "
+                   "cache's (default 0: no)")
+    p.set_defaults(func=cmd_perplexity)
+    return p
+
+
+def _read_text(spec: str) -> tuple[str, str]:
+    if spec == BUILTIN:
+        return builtin_text()
+    from pathlib import Path
+
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise InvalidSettingError(f"--text {spec}: no such file")
+    return str(path), path.read_text(encoding="utf-8")
+
+
+def format_table(results: list[PerplexityResult]) -> str:
+    base = next((r for r in results if r.kv == "none"), None)
+    header = ["kv cache", "perplexity", "vs none", "KV bytes", "vs bf16", "agreement", "same prefix"]
+    lines = [header]
+    for r in results:
+        lines.append([
+            r.kv, f"{r.perplexity:.3f}",
+            f"{100 * (r.perplexity / base.perplexity - 1):+.2f}%" if base is not None else "-",
+            f"{r.kv_bytes / 2**20:.2f} MiB", f"{100 * r.kv_bytes / r.bf16_bytes:.1f}%",
+            "-" if r.agreement is None else f"{r.agreement:.3f}",
+            "-" if r.same_prefix is None else str(r.same_prefix),
+        ])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    out = []
+    for n, row in enumerate(lines):
+        out.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from leapdecode import load
+    from leapdecode.loading import resolve_device
+
+    base = KVSettings(rank=args.kv_rank, outliers=args.kv_outliers, window=args.kv_window, block=args.kv_block)
+    runs = settings_list(args.kv_cache, args.kv_bits, base)
+    if args.max_tokens < 2 or args.chunk < 1:
+        raise InvalidSettingError("--max-tokens must be at least 2 and --chunk at least 1")
+    source, text = _read_text(args.text)
+    load_kwargs = {"device": resolve_device(args.device), "weights": args.weights}
+    target = load(args.model, **load_kwargs)
+    ids = target.tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens]
+    print(f"perplexity of {target.name} over {len(ids)} tokens of {source}, fed {args.chunk} at a time",
+          file=sys.stderr)
+    results, reference = [], None
+    for settings in runs:
+        result = perplexity(target, ids, settings, args.chunk)
+        if args.agreement > 0:
+            if settings is not None and settings.kind == "hf-quanto":
+                pass  # decoding needs rollback, which transformers' QuantizedCache lacks
+            else:
+                tokens, same, prefix = agreement(target, ids, settings, reference, args.agreement)
+                if settings is None:
+                    reference = tokens
+                result.agreement, result.same_prefix = same, prefix
+        results.append(result)
+        print(f"  {result.kv}: perplexity {result.perplexity:.3f}", file=sys.stderr)
+    print(f"model {target.name}, {len(ids)} tokens of {source}")
+    print(format_table(results))
+    return 0
