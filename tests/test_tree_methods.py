@@ -16,7 +16,7 @@ from leapdecode.errors import InvalidSettingError
 from conftest import tiny_loaded
 from test_exactness import random_prompts
 from test_sampling import STEPS, chi_square_pvalue, exact_distribution, sampled_counts
-from test_trees import wrong_tree_verify
+from wrong_samplers import wrong_tree_verify
 
 MODEL_FREE = ["pld-tree", "aded", "stand", "lookahead"]
 WITH_DRAFT = ["draft-tree", "spectr"]

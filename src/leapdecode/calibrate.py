@@ -7,7 +7,6 @@ not measured on the data the skip set or routers were fitted to.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time

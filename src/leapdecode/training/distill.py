@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 
 def tvdpp_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, tokens: torch.Tensor | None,
