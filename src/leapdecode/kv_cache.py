@@ -10,9 +10,12 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from .runtime.cache import GrowingCache
+
 
 def new_cache() -> DynamicCache:
-    return DynamicCache()
+    """An empty cache whose layers append in place (runtime/cache.py), not by concatenation."""
+    return GrowingCache()
 
 
 def cache_length(cache: DynamicCache) -> int:

@@ -153,3 +153,29 @@ def test_ragged_batch_rows_equal_their_own_decoding(arch, weights, contexts, dra
         expect, _ = _sequential(model, contexts[b], drafts[b])
         for i, row in enumerate(expect):
             assert torch.equal(logits[b, i], row), f"batch row {b}, token {i} differs from its own decoding"
+
+
+def test_growing_cache_equals_concatenation():
+    """The in-place cache (kv_cache.new_cache) gives the same logits and entries as transformers' DynamicCache,
+    through appends, crops and a tree compaction."""
+    from leapdecode import kv_cache
+
+    model = runtime_model("qwen2", "int4")
+    ours, theirs = kv_cache.new_cache(), DynamicCache()
+    steps = [[3, 4, 5, 6, 7, 8], [9], [10, 11, 12], [13]]
+    with torch.inference_mode():
+        for i, chunk in enumerate(steps * 80):  # past the first buffer's capacity
+            ids = torch.tensor([chunk])
+            a = model(input_ids=ids, cache=ours, use_cache=True).logits
+            b = model(input_ids=ids, cache=theirs, use_cache=True).logits
+            assert torch.equal(a, b)
+            if i % 4 == 2:
+                length = kv_cache.cache_length(ours) - 2
+                kv_cache.crop(ours, length)
+                kv_cache.crop(theirs, length)
+            if i % 7 == 5:
+                start = kv_cache.cache_length(ours) - 4
+                kv_cache.keep(ours, start, [start + 1, start + 3])
+                kv_cache.keep(theirs, start, [start + 1, start + 3])
+    for la, lb in zip(ours.layers, theirs.layers):
+        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)

@@ -9,8 +9,11 @@ position ids are transformers' own.
 | --- | --- | --- | --- | --- |
 | `int4` (CPU default) | a GGUF's 4-bit blocks as they are (Q4_0/Q4_1/Q4_K), its higher-precision tensors as int8 per row; other checkpoints quantized to int4 groups of 32 | int8 per 32 values (Q8_0 exactly) | exact | yes |
 | `int8` | int8 per output row | int8 per 32 values | exact | yes |
-| `bf16` | dense bf16 | unchanged | exact | checked by the tests as for the others |
+| `bf16` | dense bf16 (oneDNN/MKL) | unchanged | SDPA | no: bf16 matmuls are not row-invariant |
 | `fp32` (reference) | dense float32 (MKL) | unchanged | SDPA | no: identical up to floating-point noise |
+
+In the modes that are not exact, a lossless method's output equals plain decoding's up to floating-point noise:
+a near-tie between two tokens can be broken differently in a pass of another shape (the bench counts it).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ class Weights(str, Enum):
     @property
     def exact(self) -> bool:
         """Whether passes are row-invariant in this mode (a token's logits independent of the pass shape)."""
-        return self is not Weights.FP32
+        return self in (Weights.INT4, Weights.INT8)
 
 
 WEIGHT_CHOICES = tuple(w.value for w in Weights)
@@ -176,5 +179,6 @@ def apply_runtime(model: nn.Module, weights: Weights, gguf_path: str | Path | No
                 continue
             _replace(model, name, new)
             counts[kind] += 1
-    model.set_attn_implementation(attention.register())
+    if weights.exact:
+        model.set_attn_implementation(attention.register())
     return RuntimeInfo(weights, exact=weights.exact, layers=dict(counts))
