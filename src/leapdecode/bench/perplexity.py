@@ -206,6 +206,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
                 result.agreement, result.same_prefix = same, prefix
         results.append(result)
         print(f"  {result.kv}: perplexity {result.perplexity:.3f}", file=sys.stderr)
-    print(f"model {target.name}, {len(ids)} tokens of {source}")
+    runtime = getattr(target, "runtime", None)
+    weights = f" ({runtime.describe()})" if hasattr(runtime, "describe") else ""
+    print(f"model {target.name}{weights}, {len(ids)} tokens of {source}, fed {args.chunk} at a time")
     print(format_table(results))
     return 0

@@ -191,6 +191,9 @@ class EngineRunner:
             prompt_ids, max_new_tokens=max_new_tokens, temperature=self.settings.temperature,
             seed=self.settings.seed,
         )
+        from leapdecode.kv_compress import kv_bytes
+
+        self.kv_bytes = kv_bytes(self.decoder.lm.cache)  # what the KV cache holds after the answer (real tensors)
         st = result.stats
         return TurnOutput(list(result.token_ids), st.wall_time, st.target_forward_passes,
                           list(st.accept_lengths))
@@ -482,6 +485,8 @@ def run_benchmark(
                             peak[name] = max(peak.get(name, 0.0), run.peak_rss_mb)
                         bar.update(1)
                 new = [_record(question, name, _median_run(runs[name])) for name in names]
+                for record in new:  # KV-cache bytes after the last answer (engine methods)
+                    record.kv_bytes = getattr(runners[record.method], "kv_bytes", None)
                 records += new
                 for name, qids in _mismatches(new, reference, names, settings).items():
                     flagged.setdefault(name, []).extend(qids)

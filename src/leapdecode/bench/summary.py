@@ -63,6 +63,7 @@ class AnswerRecord:
     target_forward_passes: int  # target decode passes, all turns
     accept_lengths: list[int] = field(default_factory=list)  # tokens committed per target pass
     identical_to_ar: bool | None = None  # token_ids == the reference method's; None if not compared
+    kv_bytes: int | None = None  # bytes the KV cache held after the last turn (its tensors); None for peers
 
     @property
     def tokens_per_s(self) -> float:

@@ -1,0 +1,88 @@
+"""`leapdecode perplexity`: NLL through a (compressed) KV cache, fed block by block."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from leapdecode.bench.perplexity import (PerplexityResult, agreement, builtin_text, format_table, perplexity,
+                                         settings_list)
+from leapdecode.cli import build_parser
+from leapdecode.errors import InvalidSettingError
+from leapdecode.kv_compress import KVSettings
+from conftest import tiny_loaded
+
+
+def _ids(n: int = 70) -> list[int]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(1, 64, (n,), generator=g).tolist()
+
+
+def test_plain_cache_perplexity_equals_one_full_pass():
+    target = tiny_loaded("llama", scale=3.0)
+    ids = _ids()
+    result = perplexity(target, ids, None, chunk=16)
+    with torch.no_grad():
+        logits = target.model(torch.tensor([ids])).logits[0, :-1]
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item()
+    assert result.nll == pytest.approx(nll, rel=1e-4)
+    assert result.perplexity == pytest.approx(math.exp(nll), rel=1e-4)
+    assert result.kv_bytes == 2 * 2 * 2 * 16 * len(ids) * 4  # layers, k+v, heads, head dim, float32
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_compressed_cache_changes_perplexity_little_at_8_bits_and_chunking_does_not_matter(arch):
+    target = tiny_loaded(arch, scale=3.0)
+    ids = _ids()
+    plain = perplexity(target, ids, None, chunk=16)
+    s8 = KVSettings("gear", 8, rank=1, outliers=0.01, window=16, block=8)
+    eight = perplexity(target, ids, s8, chunk=16)
+    assert eight.kv_bytes < plain.kv_bytes
+    assert abs(eight.nll - plain.nll) < 0.02
+    # every query sees the view of its position, whatever the feeding: chunks of 5 give the same NLL
+    assert perplexity(target, ids, s8, chunk=5).nll == pytest.approx(eight.nll, abs=1e-5)
+    s2 = KVSettings("quant", 2, window=16, block=8)
+    assert perplexity(target, ids, s2, chunk=16).nll != pytest.approx(plain.nll, abs=1e-6)
+
+
+def test_agreement_counts_equal_tokens():
+    target = tiny_loaded("qwen2", scale=6.0)
+    ids = _ids(40)
+    ref, same, prefix = agreement(target, ids, None, None, 12)
+    assert same is None and len(ref) == 12
+    out, same, prefix = agreement(target, ids, KVSettings("gear", 8, window=16, block=8), ref, 12)
+    assert 0.0 <= same <= 1.0 and 0 <= prefix <= 12
+    if out == ref:
+        assert same == 1.0 and prefix == 12
+
+
+def test_settings_list_and_table():
+    base = KVSettings()
+    runs = settings_list("gear,none,quant", "4,2", base)
+    assert runs[0] is None and [(s.kind, s.bits) for s in runs[1:]] == [("gear", 4), ("quant", 4), ("gear", 2),
+                                                                         ("quant", 2)]
+    with pytest.raises(InvalidSettingError):
+        settings_list("zip", "4", base)
+    with pytest.raises(InvalidSettingError):
+        settings_list("gear", "3", base)
+    table = format_table([PerplexityResult("none", 10, 1.0, 100, 50), PerplexityResult("quant-4", 10, 1.01, 30, 50)])
+    assert "+1.01%" in table and "60.0%" in table
+
+
+def test_builtin_text_is_long_and_deterministic():
+    name, text = builtin_text()
+    assert "pydoc_data" in name and len(text) > 100_000
+    assert builtin_text()[1] == text
+
+
+def test_cli_has_perplexity_and_kv_flags():
+    parser = build_parser()
+    args = parser.parse_args(["perplexity", "--kv-cache", "none,gear", "--kv-bits", "4,2", "--max-tokens", "100"])
+    assert args.kv_cache == "none,gear" and args.max_tokens == 100
+    args = parser.parse_args(["generate", "hi", "--kv-cache", "gear", "--kv-bits", "2"])
+    from leapdecode.kv_compress import options_from_args
+
+    assert options_from_args(args)["kv_cache"] == "gear" and options_from_args(args)["kv_bits"] == 2
+    args = parser.parse_args(["bench", "--out", "x", "--kv-cache", "quant"])
+    assert args.kv_cache == "quant"
