@@ -171,7 +171,7 @@ def test_feature_drafters_draft_and_equal_decoding_alone(kind, tmp_path):
 
 def test_trained_drafter_loaded_once_per_engine(tmp_path, monkeypatch):
     """Requests share the loaded network (read-only) but each has its own drafter."""
-    from leapdecode.training import checkpoint
+    from leapdecode.drafters import checkpoint
     from test_trained_drafters import fresh_drafter
 
     target = tiny_loaded("llama", scale=3.0)

@@ -2,6 +2,7 @@
 lengths, commit, crop of unused columns, compaction, rows leaving) and the one mask builder (masks.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -12,35 +13,47 @@ from leapdecode.masks import attention_masks
 LAYERS = 2
 
 
-def _cache(values: list[list[float]]) -> DynamicCache:
+def _cache(values: list[list[float]], empty: DynamicCache | None = None) -> DynamicCache:
     """A cache of B rows whose entry at column c holds `values[b][c]` (keys) and its negative (values), in every
-    layer (heads 1, head_dim 1)."""
+    layer (heads 1, head_dim 1), written through the cache's own `update` (as a model pass does)."""
+    cache = DynamicCache() if empty is None else empty
     keys = torch.tensor(values, dtype=torch.float32)[:, None, :, None]  # (B, 1, C, 1)
-    return DynamicCache(ddp_cache_data=[(keys + layer, -(keys + layer)) for layer in range(LAYERS)])
+    for layer in range(LAYERS):
+        cache.update(keys + layer, -(keys + layer), layer)
+    return cache
+
+
+KINDS = {"dynamic": DynamicCache, "engine": kv_cache.new_cache}  # transformers' cache, and the one the engine uses
 
 
 def _contents(cache: DynamicCache, row: int = 0) -> list[float]:
     return cache.layers[0].keys[row, 0, :, 0].tolist()
 
 
-def test_crop_keeps_the_first_positions_of_every_layer():
-    cache = _cache([[1, 2, 3, 4, 5]])
+@pytest.mark.parametrize("kind", KINDS)
+def test_crop_keeps_the_first_positions_of_every_layer(kind):
+    cache = _cache([[1, 2, 3, 4, 5]], KINDS[kind]())
     kv_cache.crop(cache, 3)
     assert _contents(cache) == [1, 2, 3] and kv_cache.cache_length(cache) == 3
     assert cache.layers[1].keys[0, 0, :, 0].tolist() == [2, 3, 4]
     assert cache.layers[1].values[0, 0, :, 0].tolist() == [-2, -3, -4]
     kv_cache.crop(cache, 10)  # longer than the cache: nothing changes
     assert _contents(cache) == [1, 2, 3]
+    _cache([[9]], cache)  # the next pass appends after the cropped end
+    assert _contents(cache) == [1, 2, 3, 9] and kv_cache.cache_length(cache) == 4
 
 
-def test_keep_compacts_a_tree_path():
+@pytest.mark.parametrize("kind", KINDS)
+def test_keep_compacts_a_tree_path(kind):
     """Positions [0, start) stay; of the later ones only the kept (accepted path) ones, in order."""
-    cache = _cache([[1, 2, 3, 10, 11, 12, 13]])
+    cache = _cache([[1, 2, 3, 10, 11, 12, 13]], KINDS[kind]())
     kv_cache.keep(cache, 3, [4, 6])
     assert _contents(cache) == [1, 2, 3, 11, 13]
     assert cache.layers[1].values[0, 0, :, 0].tolist() == [-2, -3, -4, -12, -14]
     kv_cache.keep(cache, 5, [])
     assert _contents(cache) == [1, 2, 3, 11, 13]
+    _cache([[9]], cache)
+    assert _contents(cache) == [1, 2, 3, 11, 13, 9]
 
 
 def _append(cache: RaggedCache, columns: list[list[float]]) -> None:
