@@ -6,7 +6,8 @@ each sequence: Drafter.propose(DraftContext) ─► DraftTree   (within its budg
                                                               a chain is cut after its first end token)
 width policy:  DraftCut.choose (greedy, cuttable drafts) ─► each keeps its first n nodes, one n per pass
 Scorer.score(roots, trees) ─► logits (B, q, V)              ONE target forward pass over every row's root
-                                                              and tree (lm.CausalLM for one sequence,
+                                                              and tree (engine.SequenceScorer over an
+                                                              lm.CausalLM for one sequence,
                                                               batching.RaggedScorer for a ragged batch)
 verify_rows: each row verifies its own nodes ─► Verdict      (greedy: on the logits' device, ids moved;
                                                               sampling: that row's logits moved to the CPU)
@@ -240,30 +241,41 @@ def advance(row: Sequence, new: list[int], drafted: int) -> None:
         stats.draft_forward_passes = row.drafter.forward_passes
 
 
+def learn(row: Sequence, tree: DraftTree, proposed: DraftTree, nodes: list[int], new: list[int],
+          logits: torch.Tensor, hidden: torch.Tensor | None, observe_cut: bool) -> None:
+    """What the row's drafter and the width policy learn from the verdict. `tree`: what was verified;
+    `proposed`: the drafter's whole proposal (the cut learns from the nodes it cut off too); `logits`
+    (1, N+1, V) and `hidden` (1, N+1, H) the row's own rows of the pass."""
+    row.drafter.update(DraftFeedback(proposed=tree.size, accepted=len(nodes), committed=new, accepted_nodes=nodes,
+                                     tree=tree, target_logits=logits, target_hidden=hidden))
+    if observe_cut and row.history is not None and row.params.greedy:
+        row.history.observe(proposed, new)
+
+
+def _attempt(errors: dict[int, str] | None, b: int, work, *args):
+    """`work(*args)`; with `errors`, an exception is recorded as row b's error instead of raised."""
+    if errors is None:
+        return work(*args)
+    try:
+        return work(*args)
+    except Exception as err:
+        errors[b] = describe(err)
+        return None
+
+
 # ----- the step ------------------------------------------------------------------------------------------
 
 def decode_step(rows: list[Sequence], scorer: Scorer, cut: DraftCut | None = None, cap: int | None = None,
                 errors: dict[int, str] | None = None) -> None:
-    """One step for every row: propose -> cut -> score -> verify -> commit -> update -> stop (see above).
-    Each row's `new` holds its new tokens of this step and `finished` whether it is done."""
+    """One step for every row: propose -> cut -> score -> verify -> commit -> learn -> stop (see above).
+    Afterwards each row's `new` holds its new tokens of this step and `finished` whether it is done."""
     step_started = time.perf_counter()
     failed = errors if errors is not None else {}
-
-    def guard(b: int, work):
-        if errors is None:
-            return work()
-        try:
-            return work()
-        except Exception as err:
-            errors[b] = describe(err)
-            return None
-
-    trees: list[DraftTree] = []
-    for b, row in enumerate(rows):
+    for row in rows:
         row.new = []
-        trees.append(guard(b, lambda: propose(row, cap)) or DraftTree.chain(_EMPTY))
-    proposed = list(trees)  # before the width cut: what the cut learns from
-    measured = (cut is not None and not scorer.prompt_pending
+    trees = [_attempt(errors, b, propose, row, cap) or DraftTree.chain(_EMPTY) for b, row in enumerate(rows)]
+    proposed = list(trees)  # before the width cut
+    measured = (cut is not None and not scorer.prompt_pending  # a pass that also feeds a prompt is no measure
                 and any(row.params.greedy for b, row in enumerate(rows) if b not in failed))
     if measured:
         fit_width(rows, trees, cut, skip=failed)
@@ -279,25 +291,14 @@ def decode_step(rows: list[Sequence], scorer: Scorer, cut: DraftCut | None = Non
     scorer.commit(verdict.accepted_nodes)
 
     for b, (row, tree) in enumerate(zip(rows, trees)):
-        if b in failed:
-            continue
-        nodes, new = verdict.accepted_nodes[b], verdict.tokens[b]
-
-        def learn():
-            # each row's own rows of the features: (1, N+1, H)
+        if b not in failed:
             own_hidden = hidden[b : b + 1, : tree.size + 1] if wants_hidden[b] and hidden is not None else None
-            row.drafter.update(DraftFeedback(proposed=tree.size, accepted=len(nodes), committed=new,
-                                             accepted_nodes=nodes, tree=tree, target_logits=own[b],
-                                             target_hidden=own_hidden))
-            if measured and row.history is not None and row.params.greedy:
-                row.history.observe(proposed[b], new)  # the whole proposal, also the part cut off
-            return True
-
-        guard(b, learn)
+            _attempt(errors, b, learn, row, tree, proposed[b], verdict.accepted_nodes[b], verdict.tokens[b], own[b],
+                     own_hidden, measured)
     if measured:  # the pass and its verification, and the rest of the step (drafting)
         seconds = verified - pass_started
         cut.observe(len(rows) * (1 + max(t.size for t in trees)), seconds,
                     time.perf_counter() - step_started - seconds)
     for b, (row, tree) in enumerate(zip(rows, trees)):
         if b not in failed:
-            guard(b, lambda: advance(row, verdict.tokens[b], tree.size))
+            _attempt(errors, b, advance, row, verdict.tokens[b], tree.size)
