@@ -139,13 +139,18 @@ def _tensor_bytes(t) -> int:
 
 def kv_bytes(cache) -> int:
     """Bytes the cache holds: the sum of its stored tensors' sizes (compressed blocks, exact window, scales,
-    low-rank factors, outliers; for transformers' caches their key/value tensors)."""
+    low-rank factors, outliers; for the plain cache its buffers, spare room included; for transformers' caches
+    their key/value tensors)."""
     if cache is None:
         return 0
     if isinstance(cache, CompressedCache):
         return cache.nbytes
     total = 0
     for layer in getattr(cache, "layers", []):
+        buffers = [getattr(getattr(layer, n, None), "data", None) for n in ("_k", "_v")]
+        if any(isinstance(t, torch.Tensor) for t in buffers):  # the plain cache's growing buffers: capacity
+            total += sum(_tensor_bytes(t) for t in buffers)
+            continue
         for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
             total += _tensor_bytes(getattr(layer, name, None))
     return total
