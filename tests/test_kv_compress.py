@@ -228,3 +228,16 @@ def test_sliding_window_model_keeps_every_position():
     out = dec.generate(random_prompts(3)[0], max_new_tokens=30)
     assert len(out.token_ids) == 30
     assert all(layer.get_seq_length() == dec.lm.length for layer in dec.lm.cache.layers)
+
+
+def test_bench_engine_runner_reports_kv_bytes():
+    from leapdecode.bench.runner import BenchSettings, make_runner
+
+    target = tiny_loaded("llama")
+    prompt = random_prompts(2)[1] * 2
+    plain = make_runner("ar", target, None, BenchSettings(max_new_tokens=20, warmup_tokens=2))
+    gear = make_runner("pld@kv_cache=gear@kv_bits=2@kv_window=16@kv_block=8", target, None,
+                       BenchSettings(max_new_tokens=20, warmup_tokens=2))
+    plain.run(prompt, 20)
+    gear.run(prompt, 20)
+    assert 0 < gear.kv_bytes < plain.kv_bytes
