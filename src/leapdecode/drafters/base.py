@@ -1,4 +1,5 @@
-"""The drafter protocol: propose a tree of candidate tokens, learn from what the target accepted."""
+"""The drafter interface: the `Drafter` base class (propose a tree of candidate tokens, learn from what the
+target accepted, and the capabilities a drafter declares) and the records it reads and returns."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
