@@ -185,7 +185,10 @@ def cmd_train_router(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    target = load(args.model, device=resolve_device(args.device), weights=args.weights)
+    # the routers' loss backpropagates through the model: dense float32 weights unless asked otherwise (the
+    # int4 kernel has no derivative), as train-drafter does
+    weights = "fp32" if args.weights == "auto" else args.weights
+    target = load(args.model, device=resolve_device(args.device), weights=weights)
     texts = continuation_texts(target, calibration_ids(target, args.prompts), args.max_new_tokens)
     routers, report = train_routers(target.model, texts, steps=args.steps, lr=args.lr, sparsity=args.sparsity,
                                     generator=make_generator(args.seed), model_name=target.name, log=sys.stderr)
