@@ -138,6 +138,7 @@ def _compare(args, target, draft, decoder, prompt, chat, settings) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    from .bench.llamacpp_peer import LLAMACPP_METHODS
     from .methods import all_methods
     from .peers import PEER_METHODS
 
@@ -145,7 +146,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     width = max(len(s.name) for s in specs)
     for s in specs:
         print(f"{s.name.ljust(width)}  {s.promise:8}  {s.description}")
-    print(f"\npeers for `leapdecode bench`: {', '.join(PEER_METHODS)} (transformers generate())")
+    print(f"\npeers for `leapdecode bench`: {', '.join(PEER_METHODS)} (transformers generate()); "
+          f"{', '.join(LLAMACPP_METHODS)} (llama.cpp through llama-cpp-python, installed by `make peers`)")
     print("KV-cache compression (--kv-cache quant|gear, with any method) is lossy; a lossless method on a "
           "compressed cache gives the tokens ar gives on that cache")
     return 0

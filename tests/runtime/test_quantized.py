@@ -64,3 +64,20 @@ def test_embedding_blocks():
     assert torch.equal(emb.weight, expect)
     approx = QuantEmbedding.from_float(expect)
     assert (approx.weight - expect).abs().max() <= scales.max() / 2 + 1e-6
+
+
+def test_fingerprint_is_the_same_for_every_weight_format():
+    """A drafter or skip set made on the float32 model is found for the int4/int8 runtimes of it."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from leapdecode.drafters.checkpoint import target_fingerprint
+    from leapdecode.runtime.convert import Weights, apply_runtime
+
+    prints = set()
+    for weights in Weights:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config("llama", 64, 1)).eval()
+        apply_runtime(model, weights)
+        prints.add(target_fingerprint(model))
+    assert len(prints) == 1

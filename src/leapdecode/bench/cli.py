@@ -63,7 +63,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when a lossless method's greedy output differs from ar's")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: torch's choice); 1 avoids thrashing on a busy machine")
+                   help="torch CPU threads, also the llama.cpp peers' (default: torch's choice); 1 avoids thrashing "
+                   "on a busy machine")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_bench)
     return p

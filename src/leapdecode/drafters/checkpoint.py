@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidSettingError
+from ..runtime.quantized import leading_rows
 
 WEIGHTS = "drafter.safetensors"
 CONFIG = "drafter.json"
@@ -43,11 +44,11 @@ def target_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over the target's architecture facts and a slice of its embedding and LM-head weights."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     digest = hashlib.sha256()
-    facts = [type(model).__name__, cfg.hidden_size, model.get_output_embeddings().weight.shape[0],
+    facts = [type(model).__name__, cfg.hidden_size, model.get_output_embeddings().out_features,
              getattr(cfg, "num_hidden_layers", 0)]
     digest.update(json.dumps(facts).encode())
-    for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
-        digest.update(weight[:16].detach().float().cpu().contiguous().numpy().tobytes())
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):  # the same for every --weights
+        digest.update(leading_rows(module).contiguous().numpy().tobytes())
     return digest.hexdigest()[:24]
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import attention
 from .gguf_blocks import FOUR_BIT, grouped_codes, permute_rows, q8_0_codes
-from .quantized import BF16Linear, Int4Linear, Int8Linear, QuantEmbedding
+from .quantized import SOURCE_ROWS, BF16Linear, Int4Linear, Int8Linear, QuantEmbedding
 
 
 class Weights(str, Enum):
@@ -177,6 +177,7 @@ def apply_runtime(model: nn.Module, weights: Weights, gguf_path: str | Path | No
                 new, kind = _embedding_for(name, module, gguf)
             else:
                 continue
+            new.source_rows = module.weight[:SOURCE_ROWS].detach().float().cpu().clone()
             _replace(model, name, new)
             counts[kind] += 1
     if weights.exact:

@@ -23,6 +23,17 @@ from torch import nn
 GROUP = 32  # int4 group size along the input dimension (GGUF's block size)
 
 
+SOURCE_ROWS = 16
+
+
+def leading_rows(module: nn.Module) -> torch.Tensor:
+    """The first rows of a layer's weight as the checkpoint holds them, whatever the runtime made of the layer
+    (identifies a model across weight formats: drafter and skip-set fingerprints)."""
+    if isinstance(module, (_QuantLinear, QuantEmbedding)) and module.source_rows is not None:
+        return module.source_rows
+    return module.weight[:SOURCE_ROWS].detach().float().cpu()
+
+
 def _round_trip(x: torch.Tensor, features: int) -> torch.Tensor:
     return x.reshape(-1, features).to(torch.bfloat16)
 
@@ -38,6 +49,7 @@ class _QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
         self._dense: torch.Tensor | None = None
+        self.source_rows: torch.Tensor | None = None  # the first rows of the weight it was made from
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # (R, in) bf16 -> (R, out) bf16
         raise NotImplementedError
@@ -144,6 +156,7 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("scales", scales.float().contiguous())  # (V, H / 32)
         self.multiplier = multiplier
         self._dense: torch.Tensor | None = None
+        self.source_rows: torch.Tensor | None = None  # the first rows of the table it was made from
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, multiplier: torch.Tensor | None = None,
