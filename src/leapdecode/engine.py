@@ -129,7 +129,8 @@ class Decoder:
             self.lm.reset()
             row = StepSequence.begin(prompt_ids, settings, self.drafter, method=self.method,
                                      tokenizer=self.target.tokenizer, stop_ids=self.target.stop_token_ids,
-                                     context_length=context, history=self.history, started=started)
+                                     context_length=context, history=self.history, started=started,
+                                     logits_rule=self.spec.make_rule(self.build))
             scorer = SequenceScorer(self.lm, prompt_ids[:-1])
             if self.spec.target_patch is not None:  # methods that patch the target (lossy ones) keep a
                 scorer.prefill()  # separate prefill, which some of them decide on
@@ -153,6 +154,27 @@ class Decoder:
                 on_text(piece)
         return stream.result
 
+    def generate_several(self, prompt, n: int, *, chat: bool | None = None, **settings) -> list[GenerationResult]:
+        """`n` results for one prompt: the method's own loop when it makes several at once (superposed
+        decoding: one pass per step for all of them), else `n` independent generations (seed, seed+1, ...
+        when a seed is given)."""
+        if not isinstance(n, int) or n < 1:
+            raise InvalidSettingError(f"the number of results must be a positive integer, got {n!r}")
+        ids = self.encode_prompt(prompt, chat)
+        if self.spec.run is not None:
+            return self._run(ids, _settings(**settings), n)
+        seed = settings.pop("seed", None)
+        return [self.generate(ids, seed=None if seed is None else seed + i, **settings) for i in range(n)]
+
+    def _run(self, prompt_ids: list[int], settings: GenerationSettings, n: int) -> list[GenerationResult]:
+        """A method with its own loop (`MethodSpec.run`)."""
+        if len(prompt_ids) >= self.target.context_length:
+            raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens but {self.target.name!r} has a "
+                                     f"context of {self.target.context_length} tokens")
+        with torch.inference_mode():
+            self.lm.reset()
+            return self.spec.run(self.build, self.lm, prompt_ids, settings, n)
+
 
 class GenerationStream:
     """An iterator of text pieces over one generation; the full `GenerationResult` is in `.result`."""
@@ -163,6 +185,11 @@ class GenerationStream:
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
+        if self.decoder.spec.run is not None:  # a method with its own loop: the whole text at the end
+            self.result = self.decoder._run(self.prompt_ids, self.settings, 1)[0]
+            if self.result.text:
+                yield self.result.text
+            return
         row = None
         for row in self.decoder._commits(self.prompt_ids, self.settings):
             piece = row.text.delta() if self.emit else ""

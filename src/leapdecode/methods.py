@@ -2,11 +2,12 @@
 (lossless or lossy). The families are declared in `leapdecode.catalog`; this module lists them."""
 from __future__ import annotations
 
-from .catalog import core, layer_skip, trained, trees
+from .catalog import core, diverse, layer_skip, trained, trees
+from .catalog import relaxed
 from .catalog.spec import LOSSLESS, LOSSY, MethodBuild, MethodSpec
 from .errors import InvalidSettingError, LeapdecodeError
 
-FAMILIES = (core, trees, trained, layer_skip)
+FAMILIES = (core, trees, trained, layer_skip, diverse, relaxed)
 
 
 def _registry() -> dict[str, MethodSpec]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence as Seq
+from typing import Callable, Protocol, Sequence as Seq
 
 import torch
 
@@ -86,11 +86,14 @@ class Sequence:
     produced: int = 0  # committed new tokens
     new: list[int] = field(default_factory=list)  # the last step's new tokens of the result
     finished: bool = False
+    # a method's rule over the next token's logits (momentum decoding): (tokens, prompt length, logits (V,))
+    # -> logits; only for methods without drafts, so the root's row is the one verified
+    logits_rule: Callable[[list[int], int, torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def begin(cls, prompt_ids: list[int], settings: GenerationSettings, drafter: Drafter, *, method: str,
               tokenizer, stop_ids, context_length: int, history: DraftHistory | None = None,
-              started: float | None = None) -> "Sequence":
+              started: float | None = None, logits_rule=None) -> "Sequence":
         """A new sequence; its drafter begins with the prompt (the prompt fits the context)."""
         started = time.perf_counter() if started is None else started
         generator = make_generator(settings.seed)
@@ -99,7 +102,8 @@ class Sequence:
                    text=TextAssembler(tokenizer, settings.stop),
                    stats=GenerationStats(method=method, prompt_tokens=len(prompt_ids)),
                    limit=min(settings.max_new_tokens, context_length - len(prompt_ids)),
-                   stop_ids=frozenset(stop_ids), started=started, history=history, tokens=list(prompt_ids))
+                   stop_ids=frozenset(stop_ids), started=started, history=history, tokens=list(prompt_ids),
+                   logits_rule=logits_rule)
 
     @property
     def params(self) -> SamplingParams:
@@ -283,6 +287,11 @@ def decode_step(rows: list[Sequence], scorer: Scorer, cut: DraftCut | None = Non
     pass_started = time.perf_counter()
     wants_hidden = [row.drafter.needs_target_hidden for row in rows]
     logits, hidden = scorer.score([row.tokens[-1] for row in rows], trees, wants_hidden)
+    for b, row in enumerate(rows):
+        if row.logits_rule is not None and b not in failed:
+            ruled = _attempt(errors, b, row.logits_rule, row.tokens, len(row.prompt_ids), logits[b, 0])
+            if ruled is not None:
+                logits[b, 0] = ruled
     own = [verifier_logits(logits[b : b + 1, : tree.size + 1], row.params)
            for b, (row, tree) in enumerate(zip(rows, trees))]
     verdict = verify_rows(trees, logits, [row.params for row in rows], [row.generator for row in rows],

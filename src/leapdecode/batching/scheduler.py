@@ -69,6 +69,8 @@ class BatchEngine:
             spec = get_method(name)
             if spec.target_patch is not None:
                 raise InvalidSettingError(f"method {name!r} patches the target model and cannot share a batch")
+            if spec.run is not None:
+                raise InvalidSettingError(f"method {name!r} runs a loop of its own and cannot share a batch")
             if spec.needs_draft_model and draft is None:
                 raise InvalidSettingError(f"method {name!r} needs a draft model")
         if draft is not None:  # like `Decoder`: a draft with another tokenizer is refused at start, not per request
@@ -185,7 +187,8 @@ class BatchEngine:
         row = Row.begin(p.prompt_ids, p.settings, spec.make_drafter(build), method=p.method,
                         tokenizer=self.target.tokenizer, stop_ids=self.target.stop_token_ids,
                         context_length=self.target.context_length,
-                        history=DraftHistory(rates) if rates is not None else None, started=started)
+                        history=DraftHistory(rates) if rates is not None else None, started=started,
+                        logits_rule=spec.make_rule(build))
         row.handle, row.method = p.handle, p.method
         self.lm.reset()
         try:

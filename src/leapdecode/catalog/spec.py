@@ -36,10 +36,19 @@ class MethodSpec:
     # For methods that change how the target itself runs (layer skipping, early exit): a context manager
     # entered around each generation, which must restore the model on exit.
     target_patch: Callable[[MethodBuild], AbstractContextManager] | None = None
+    # For methods that choose the next token by their own rule over the target's logits (momentum decoding):
+    # a fresh rule per sequence, `rule(tokens, prompt_len, logits (V,)) -> logits`, applied by the step.
+    logits_rule: Callable[[MethodBuild], Callable] | None = None
+    # For methods with a loop of their own (superposed drafts, contrastive search):
+    # `run(build, lm, prompt_ids, settings, n) -> n GenerationResults` (settings: step.GenerationSettings).
+    run: Callable[..., list] | None = None
 
     def __post_init__(self) -> None:
         if self.promise not in (LOSSLESS, LOSSY):
             raise ValueError(f"promise must be {LOSSLESS!r} or {LOSSY!r}, got {self.promise!r}")
+
+    def make_rule(self, build: MethodBuild) -> Callable | None:
+        return self.logits_rule(build) if self.logits_rule is not None else None
 
     def patch_target(self, build: MethodBuild) -> AbstractContextManager:
         return self.target_patch(build) if self.target_patch is not None else nullcontext()
