@@ -45,3 +45,16 @@ def test_others_give_independent_samples_and_options_are_checked():
         Decoder(model, method="superposed", ngram_weight=1.5)
     with pytest.raises(InvalidSettingError):
         Decoder(model, method="ar").generate_several(PROMPT, 0)
+
+
+def test_cli_num_return(capsys, tmp_path):
+    from leapdecode.cli import main
+
+    loaded = tiny_loaded("llama", scale=2.0)
+    loaded.model.save_pretrained(tmp_path)
+    loaded.tokenizer.save_pretrained(tmp_path)
+    code = main(["generate", "w1 w2 w3 w1 w2", "--model", str(tmp_path), "--method", "superposed",
+                 "--num-return", "3", "--max-new-tokens", "6"])
+    out = capsys.readouterr()
+    assert code == 0
+    assert out.out.count("--- [") == 3 and "3 answers" in out.err

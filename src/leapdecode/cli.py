@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 
 from .arguments import add_file_flag_arguments, add_model_arguments, add_sampling_arguments, file_flag_options
@@ -76,6 +77,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     draft = load(args.draft_model, device=device, weights=args.weights) if args.draft_model else None
     decoder = Decoder(target, args.method, draft=draft, **options)
     chat = target.has_chat_template and not args.no_chat
+    if args.num_return != 1:  # several answers: one loop for all (superposed) or independent generations
+        if args.num_return < 1:
+            raise LeapdecodeError(f"--num-return must be >= 1, got {args.num_return}")
+        started = time.perf_counter()
+        results = decoder.generate_several(prompt, args.num_return, chat=chat, **settings)
+        wall = time.perf_counter() - started
+        for i, result in enumerate(results):
+            print(f"--- [{i}] ---\n{result.text}")
+        print(f"\n[{args.method}] {args.num_return} answers, {sum(r.stats.new_tokens for r in results)} tokens in "
+              f"{wall:.2f} s", file=sys.stderr)
+        return 0
     if not args.compare:
         result = decoder.generate(prompt, chat=chat, on_text=lambda s: print(s, end="", flush=True), **settings)
         print()
@@ -189,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true", help="also run ar and print a side-by-side table")
     g.add_argument("--with-hf", action="store_true", help="with --compare: add transformers generate() peers")
     g.add_argument("--repeats", type=int, default=3, help="with --compare: timed runs per method (median)")
+    g.add_argument("--num-return", type=int, default=1, metavar="N",
+                   help="N answers (method superposed: N drafts from one pass per step; others: N generations)")
     g.add_argument("--demo-prompt", action="store_true", help="use the built-in editing prompt")
     g.set_defaults(func=cmd_generate)
 
