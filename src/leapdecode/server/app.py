@@ -40,6 +40,7 @@ from ..step import GenerationSettings
 from ..errors import LeapdecodeError, PromptTooLongError
 from ..sampling import SamplingParams
 from ..stats import GenerationResult
+from .several import SUPERPOSED, Several
 from .schema import CHAT, COMPLETION, APIError, ChatBody, CompletionBody, CompletionRequest, validation_error
 
 log = logging.getLogger("leapdecode.server")
@@ -339,9 +340,21 @@ def create_app(engine: BatchEngine, config: ServerConfig) -> FastAPI:
     async def unexpected_error(request: Request, err: Exception):
         return _error(_internal(err))
 
+    several = Several(service, _stats)  # `n` > 1, and the method superposed
+
+    async def answer(request: Request, req: CompletionRequest) -> Response:
+        if req.n == 1 and req.method != SUPERPOSED:
+            return service.stream(req) if req.stream else await service.complete(request, req)
+        rid = ("chatcmpl-" if req.kind == CHAT else "cmpl-") + uuid.uuid4().hex[:24]
+        if req.stream:
+            several._prepare(req)  # a bad request is a 400, not an error inside the stream
+            return StreamingResponse(several.events(req, rid, _sse), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(several.body(req, rid, await several.results(req)))
+
     async def generation(request: Request, req: CompletionRequest, endpoint: str) -> Response:
         try:
-            response = service.stream(req) if req.stream else await service.complete(request, req)
+            response = await answer(request, req)
         except APIError as err:
             service.counters.count(endpoint, err.status)
             return _error(err)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 CHAT, COMPLETION = "chat", "completion"
+MAX_CHOICES = 16  # the most choices (`n`) one request may ask for
 SEED_LIMIT = 2**63  # seeds are in [0, SEED_LIMIT): what a torch generator takes as a signed 64-bit integer
 
 
@@ -43,6 +44,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     method: str | None  # leapdecode extra: the decoding method (None: the server's default)
+    n: int = 1  # choices: superposed decoding's drafts (method superposed), else independent generations
 
 
 # ----- the bodies ----------------------------------------------------------------------------------------
@@ -66,9 +68,9 @@ class _Body(BaseModel):
 
     @field_validator("n")
     @classmethod
-    def _one(cls, n: int | None) -> int | None:
-        if n not in (None, 1):
-            raise ValueError("only n=1 is supported")
+    def _choices(cls, n: int | None) -> int | None:
+        if n is not None and not 1 <= n <= MAX_CHOICES:
+            raise ValueError(f"must be in [1, {MAX_CHOICES}]")
         return n
 
     @field_validator("stop")
@@ -88,7 +90,7 @@ class _Body(BaseModel):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, stop=self.stop, seed=self.seed,
             stream=bool(self.stream), include_usage=bool(self.stream_options and self.stream_options.include_usage),
-            method=self.method, **fields)
+            method=self.method, n=self.n or 1, **fields)
 
 
 class StreamOptions(BaseModel):
