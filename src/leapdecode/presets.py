@@ -117,7 +117,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="gemma3-270m",
-            description="Gemma 3 270M, Q4_K_M GGUF (253 MB)",
+            description="Gemma 3 270M, Q4_K_M GGUF (253 MB); the pretrained base model (no chat template)",
             architecture="gemma3",
             filename="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
