@@ -29,8 +29,9 @@ def _target():
 
 def _variant(method: str, folder) -> str:
     """The method name with the files it needs (a random trained drafter, random routers)."""
-    if method in TRAINED:
-        return f"{method}@drafter={fresh_drafter(method, _target(), folder / method)}"
+    base = method.split("+")[0]  # BASE+RULE (relaxed acceptance) needs what BASE needs
+    if base in TRAINED:
+        return f"{method}@drafter={fresh_drafter(base, _target(), folder / base)}"
     if method == "first":
         torch.manual_seed(0)
         routers = Routers((1, 2, 3), 0.1 * torch.randn(3, 64), torch.tensor([-5.0, 5.0, 0.0]), L)
@@ -44,7 +45,7 @@ def _variant(method: str, folder) -> str:
 ])
 def test_every_method_runs_through_the_benchmark_runner(method, tmp_path):
     name = _variant(method, tmp_path)
-    draft = tiny_loaded("llama", seed=1, layers=1) if method in DRAFT_NEEDED else None
+    draft = tiny_loaded("llama", seed=1, layers=1) if method.split("+")[0] in DRAFT_NEEDED else None
     result = run_benchmark(_target(), draft, QUESTIONS, ["ar", name] if method != "ar" else ["ar"],
                            BenchSettings(max_new_tokens=8, warmup_tokens=2), tmp_path / "out",
                            progress=False, plots=False)

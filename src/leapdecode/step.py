@@ -172,7 +172,7 @@ def verifier_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 
 def verify_rows(trees: list[DraftTree], logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None], errors: dict[int, str] | None = None,
-                own: list[torch.Tensor] | None = None) -> Verdict:
+                own: list[torch.Tensor] | None = None, rules: list | None = None) -> Verdict:
     """Verify a ragged batch: row b has its own tree (n_b nodes) and reads logits[b, :n_b+1] (B, q, V).
 
     Greedy chains of several rows are verified together: each is padded to the longest with a token that never
@@ -180,15 +180,18 @@ def verify_rows(trees: list[DraftTree], logits: torch.Tensor, params: list[Sampl
     one at a time with the row's own generator, so each row draws exactly the random numbers it would alone.
     `own[b]`: row b's logits as its verifier reads them (`verifier_logits`; computed when not given). With
     `errors`, rows already in it are skipped and a row whose verification raises is recorded there (nothing
-    accepted, no token); without it, errors propagate.
+    accepted, no token); without it, errors propagate. `rules[b]`: row b's relaxed acceptance rule (lossy;
+    None: exact), verified alone.
     """
     batch = len(trees)
     skip = errors if errors is not None else {}
+    rules = rules or [None] * batch
     if own is None:
         own = [verifier_logits(logits[b : b + 1, : trees[b].size + 1], params[b]) for b in range(batch)]
     accepted: list[list[int]] = [[] for _ in range(batch)]
     tokens: list[list[int]] = [[] for _ in range(batch)]
-    together = [b for b in range(batch) if b not in skip and params[b].greedy and trees[b].layout.is_chain]
+    together = [b for b in range(batch) if b not in skip and params[b].greedy and trees[b].layout.is_chain
+                and rules[b] is None]
     if len(together) > 1:
         try:
             width = max(trees[b].size for b in together)
@@ -208,7 +211,7 @@ def verify_rows(trees: list[DraftTree], logits: torch.Tensor, params: list[Sampl
         if b in together or b in skip:
             continue
         try:
-            verdict = verify(trees[b], own[b], params[b], generators[b])
+            verdict = verify(trees[b], own[b], params[b], generators[b], rules[b])
         except Exception as err:
             if errors is None:
                 raise
@@ -295,7 +298,7 @@ def decode_step(rows: list[Sequence], scorer: Scorer, cut: DraftCut | None = Non
     own = [verifier_logits(logits[b : b + 1, : tree.size + 1], row.params)
            for b, (row, tree) in enumerate(zip(rows, trees))]
     verdict = verify_rows(trees, logits, [row.params for row in rows], [row.generator for row in rows],
-                          errors, own)
+                          errors, own, [row.drafter.acceptance for row in rows])
     verified = time.perf_counter()
     scorer.commit(verdict.accepted_nodes)
 

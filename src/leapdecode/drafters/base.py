@@ -48,12 +48,15 @@ class Drafter:
       an attribute or a property);
     - `cuttable`: the engine's draft cut may verify only a prefix of this drafter's trees (false for SpecTr,
       whose k-sequential rule needs its k whole drafts).
+    - `acceptance`: a relaxed acceptance rule the verifier applies to this drafter's trees (lossy methods
+      `BASE+RULE`, `verifiers/relaxed.py`); None: exact verification.
     The base proposes nothing: it is plain decoding (`NoDrafter`).
     """
 
     needs_target_hidden: bool = False
     forward_passes: int = 0
     cuttable: bool = True
+    acceptance = None
 
     def begin(self, prompt: list[int], params: SamplingParams) -> None:
         pass
