@@ -8,7 +8,8 @@ from conftest import tiny_loaded
 from leapdecode import Decoder
 from leapdecode.errors import InvalidSettingError
 from leapdecode.lossy.contrastive import choose
-from leapdecode.lossy.momentum import MomentumRule, rep_n
+from leapdecode.bench.diverse import rep_n
+from leapdecode.lossy.momentum import MomentumRule
 
 PROMPT = [3, 7, 3, 7, 5]
 

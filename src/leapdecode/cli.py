@@ -179,7 +179,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMAND_MODULES = (".bench.cli", ".bench.perplexity", ".training.cli", ".server.cli", ".calibrate")
+SUBCOMMAND_MODULES = (".bench.cli", ".bench.perplexity", ".bench.diverse", ".training.cli", ".server.cli", ".calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,8 +87,3 @@ class MomentumRule:
         out[idx] = torch.tensor(scores, dtype=logits.dtype, device=logits.device)
         return out
 
-
-def rep_n(tokens: list[int], n: int) -> float:
-    """The repetition rate rep-n: 1 - (distinct n-grams / n-grams) of a token sequence (0 without n-grams)."""
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
