@@ -66,6 +66,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="torch CPU threads, also the llama.cpp peers' (default: torch's choice); 1 avoids thrashing "
                    "on a busy machine")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
+                   help="run each method that takes KEY (e.g. pld+typical with epsilon) once per value and draw "
+                   "speed and quality against it (sweep.json, sweep_KEY.png)")
     p.set_defaults(func=run_bench)
     return p
 
@@ -133,7 +136,16 @@ def run_bench(args: argparse.Namespace) -> int:
     """Validate everything, load the models once, run, print the table; return the exit code."""
     settings = BenchSettings(max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                              temperature=args.temperature, seed=args.seed)
-    methods = check_methods(args.methods, has_draft=bool(args.draft_model), settings=settings)
+    sweep = None
+    if getattr(args, "sweep", None):
+        from leapdecode.bench.runner import parse_methods
+        from leapdecode.bench.sweep import expand, parse_sweep
+
+        key, values = parse_sweep(args.sweep)
+        expanded, groups = expand(parse_methods(args.methods), key, values)
+        sweep = (key, groups)
+    methods = check_methods(expanded if sweep else args.methods, has_draft=bool(args.draft_model),
+                            settings=settings)
     method_options = method_file_options(args, methods)
     from leapdecode.kv_compress import options_from_args
     from leapdecode.methods import all_methods
@@ -178,6 +190,10 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     if result.summary is None:
         return 130 if result.interrupted else 1
+    if sweep is not None:
+        from leapdecode.bench.sweep import write_sweep
+
+        result.files += write_sweep(out, sweep[0], sweep[1], result.summary)
 
     decoding = "greedy" if settings.greedy else f"temperature {settings.temperature}"
     print(f"model {target.name}" + (f", draft {draft.name}" if draft is not None else "")

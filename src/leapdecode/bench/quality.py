@@ -11,7 +11,10 @@ method, `summary.json` and the printed table also carry token_agreement, rouge_l
   the reference method's answer (Lin 2004; computed here, no package).
 - task_score: for questions with a `reference`, 1 when the normalised reference (any accepted answer
   for list references) occurs in the normalised answer of that turn (the last turn for a single
-  string), else 0; mean over such questions; None when no question has one.
+  string), else 0; mean over such questions; None when no question has one. A GSM8K-style reference
+  (a worked solution ending in `#### <number>`, Spec-Bench's math_reasoning) is scored by exact match of
+  the final number: the number after the answer's own `####` if it writes one, else the last number in
+  the answer (commas dropped, compared as decimals, so 1,000 = 1000 = 1000.0).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -73,6 +77,39 @@ def _normal(text: str) -> str:
     return " ".join(words(text))
 
 
+_FINAL = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def _decimal(text: str) -> Decimal | None:
+    try:
+        return Decimal(text.replace(",", "").rstrip("."))
+    except InvalidOperation:
+        return None
+
+
+def gsm8k_answer(reference: str) -> Decimal | None:
+    """The final number of a GSM8K-style worked solution (`... #### 1000`); None for other references."""
+    found = _FINAL.search(reference)
+    return _decimal(found.group(1)) if found else None
+
+
+def final_number(answer: str) -> Decimal | None:
+    """The number an answer ends on: the one after its own `####`, else its last number."""
+    own = _FINAL.findall(answer)
+    if own:
+        return _decimal(own[-1])
+    numbers = _NUMBER.findall(answer)
+    return _decimal(numbers[-1]) if numbers else None
+
+
+def _matches(answer: str, accepted: str) -> bool:
+    target = gsm8k_answer(accepted)
+    if target is not None:
+        return final_number(answer) == target
+    return bool(_normal(accepted)) and _normal(accepted) in _normal(answer)
+
+
 def task_score(turns: Sequence[str], reference) -> float | None:
     """1.0 / 0.0 when the answer contains the reference (see the module docstring); None without one."""
     if reference is None or not turns:
@@ -87,7 +124,7 @@ def task_score(turns: Sequence[str], reference) -> float | None:
                 pairs.append((answer, accepted))
     if not pairs:
         return None
-    return float(all(any(_normal(a) and _normal(a) in _normal(ans) for a in acc) for ans, acc in pairs))
+    return float(all(any(_matches(ans, a) for a in acc) for ans, acc in pairs))
 
 
 def _flatten(value):
