@@ -14,7 +14,7 @@ exactly its visible keys, in cache order:
 row (b, i) ──► visible keys of row i (from the mask, or causal when there is none)
            ──► contiguous range: a view of the key/value tensors     (chains, decoding, prompts)
                anything else:    the visible columns gathered        (tree nodes: prefix + ancestors)
-           ──► scaled_dot_product_attention(q (1, Hkv, G, D), k (1, Hkv, n, D), v) ──► row i's output
+           ──► softmax(q k^T * scale) v with q (Hkv, G, D), k, v (Hkv, n, D)          ──► row i's output
 ```
 A one-token step is the same call with n = every key, so the results are bitwise equal whatever the pass looks
 like (tests/runtime/test_attention.py and the property tests check it). The visible-key plan is built once per
@@ -26,7 +26,6 @@ import threading
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
@@ -106,10 +105,18 @@ def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         else:
             k = key[b:b + 1].index_select(2, row.columns)
             v = value[b:b + 1].index_select(2, row.columns)
-        qr = query[b:b + 1, :, row.query].reshape(1, kv_heads, group, dim)
-        o = F.scaled_dot_product_attention(qr, k, v, scale=scaling)
-        out[b, row.query] = o.reshape(heads, -1)
+        qr = query[b, :, row.query].reshape(kv_heads, group, dim)
+        out[b, row.query] = _one_row(qr, k[0], v[0], scaling).reshape(heads, -1)
     return out, None
+
+
+def _one_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """q (Hkv, G, D) against k, v (Hkv, n, D): three ops whose shapes depend only on n, so a row's result is the
+    same in every pass (cheaper than a fused kernel's set-up for a few query rows)."""
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = torch.baddbmm(q.new_empty(()).expand(q.shape[0], q.shape[1], k.shape[1]), q, k.transpose(1, 2),
+                           beta=0.0, alpha=scale)
+    return torch.bmm(scores.softmax(-1), v)
 
 
 def register() -> str:

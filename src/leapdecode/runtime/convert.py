@@ -17,6 +17,8 @@ a near-tie between two tokens can be broken differently in a pass of another sha
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
@@ -28,7 +30,7 @@ from torch import nn
 
 from . import attention
 from .gguf_blocks import FOUR_BIT, grouped_codes, permute_rows, q8_0_codes
-from .quantized import SOURCE_ROWS, BF16Linear, Int4Linear, Int8Linear, QuantEmbedding
+from .quantized import SOURCE_ROWS, BF16Linear, Int4Linear, Int8GroupLinear, Int8Linear, QuantEmbedding
 
 
 class Weights(str, Enum):
@@ -142,7 +144,13 @@ def _linear_for(name: str, linear: nn.Linear, weights: Weights, gguf: GGUFTensor
                 module.bias = nn.Parameter(b.detach().float(), requires_grad=False)
             return module, f"int4 from GGUF {kind}"
         return Int4Linear.from_float(w, b), "int4 quantized on load"
-    return Int8Linear.from_float(w, b), f"int8 per row from GGUF {kind}"
+    if kind == "Q8_0" and tuple(tensor.data.shape)[0] == w.shape[0] and gguf.row_order(name, w.shape[0]) is None:
+        blocks = q8_0_codes(np.ascontiguousarray(tensor.data), w.shape[0])
+        module = Int8GroupLinear.from_q8_0(blocks.codes, blocks.scales, b)
+        rebuilt = (blocks.codes.float().reshape(w.shape[0], -1, 32) * blocks.scales.unsqueeze(-1)).reshape(w.shape)
+        if torch.equal(rebuilt, w.float()):
+            return module, "8-bit groups (two int4 passes) from GGUF Q8_0"
+    return Int8GroupLinear.from_float(w, b), f"8-bit groups (two int4 passes) from GGUF {kind}"
 
 
 def _embedding_for(name: str, emb: nn.Embedding, gguf: GGUFTensors | None) -> tuple[nn.Module, str]:
@@ -159,6 +167,28 @@ def _embedding_for(name: str, emb: nn.Embedding, gguf: GGUFTensors | None) -> tu
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _own_storage(model: nn.Module) -> None:
+    """Give the float tensors left (norms, biases, rotary buffers) storage of their own: loaded from a
+    memory-mapped checkpoint they are slices of it, and would keep the whole float32 file resident."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                param.data = param.data.clone()
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if buf is not None and buf.is_floating_point():
+                    setattr(module, name, buf.clone())
+    gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Return freed memory to the system (glibc keeps freed pages of small allocations otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def apply_runtime(model: nn.Module, weights: Weights, gguf_path: str | Path | None = None) -> RuntimeInfo:
@@ -180,6 +210,8 @@ def apply_runtime(model: nn.Module, weights: Weights, gguf_path: str | Path | No
             new.source_rows = module.weight[:SOURCE_ROWS].detach().float().cpu().clone()
             _replace(model, name, new)
             counts[kind] += 1
+    del gguf  # its memory map of the file, before the heap is trimmed
+    _own_storage(model)
     if weights.exact:
         model.set_attn_implementation(attention.register())
     return RuntimeInfo(weights, exact=weights.exact, layers=dict(counts))
