@@ -66,6 +66,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="torch CPU threads, also the llama.cpp peers' (default: torch's choice); 1 avoids thrashing "
                    "on a busy machine")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-pass-cost", action="store_true",
+                   help="skip measuring the target's pass-cost curve (1-32 tokens) for the report")
     p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
                    help="run each method that takes KEY (e.g. pld+typical with epsilon) once per value and draw "
                    "speed and quality against it (sweep.json, sweep_KEY.png)")
@@ -178,12 +180,19 @@ def run_bench(args: argparse.Namespace) -> int:
 
         check_draft_compatible(target, draft)
 
+    runtime = {"runtime": target.runtime.describe()}
+    if not args.no_pass_cost:
+        from leapdecode.runtime.pass_cost import describe, pass_cost_ms
+
+        runtime["pass_cost"] = describe(pass_cost_ms(target.model))
+        print(f"bench: {target.name} pass cost after 300 tokens: {runtime['pass_cost']}", file=sys.stderr)
     print(f"bench: {len(questions)} questions x {len(methods)} methods x {settings.repeats} repeat(s), "
           f"up to {settings.max_new_tokens} new tokens per turn, on {target.name}", file=sys.stderr)
     result = run_benchmark(
         target, draft, questions, methods, settings, out,
         command_line=command_line(args, methods),
-        extra_settings={"questions": str(path), "categories": args.categories, "per_category": args.per_category,
+        extra_settings={**runtime, "questions": str(path), "categories": args.categories,
+                        "per_category": args.per_category,
                         **{f.option: getattr(args, f.option) for f in FILE_FLAGS if getattr(args, f.option, None)}},
         progress=not args.no_progress,
         runner_factory=runner_factory_with(method_options),

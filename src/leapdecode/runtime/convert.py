@@ -7,8 +7,8 @@ position ids are transformers' own.
 
 | `weights` | linear layers | embedding | attention | exact (row-invariant) |
 | --- | --- | --- | --- | --- |
-| `int4` (CPU default) | a GGUF's 4-bit blocks as they are (Q4_0/Q4_1/Q4_K), its higher-precision tensors as int8 per row; other checkpoints quantized to int4 groups of 32 | int8 per 32 values (Q8_0 exactly) | exact | yes |
-| `int8` | int8 per output row | int8 per 32 values | exact | yes |
+| `int4` (CPU default) | a GGUF's 4-bit blocks as they are (Q4_0/Q4_1/Q4_K), its higher-precision tensors as 8-bit groups (Q8_0 exactly); other checkpoints quantized to int4 groups of 32 | int8 per 32 values (Q8_0 exactly) | exact | yes |
+| `int8` | 8-bit codes per group of 32 (symmetric), computed as two int4 passes | int8 per 32 values | exact | yes |
 | `bf16` | dense bf16 (oneDNN/MKL) | unchanged | SDPA | no: bf16 matmuls are not row-invariant |
 | `fp32` (reference) | dense float32 (MKL) | unchanged | SDPA | no: identical up to floating-point noise |
 
@@ -131,8 +131,10 @@ def _linear_for(name: str, linear: nn.Linear, weights: Weights, gguf: GGUFTensor
     w, b = linear.weight, linear.bias
     if weights is Weights.BF16:
         return BF16Linear(w, b), "bf16"
-    if weights is Weights.INT8 or not Int4Linear.supports(*w.shape):
+    if not Int4Linear.supports(*w.shape):
         return Int8Linear.from_float(w, b), "int8 per row"
+    if weights is Weights.INT8:
+        return Int8GroupLinear.from_float(w, b), "8-bit groups (two int4 passes)"
     tensor = gguf.find(name) if gguf is not None else None
     if tensor is None:
         return Int4Linear.from_float(w, b), "int4 quantized on load"
