@@ -89,8 +89,14 @@ class FakeLookup:
 @pytest.fixture
 def fake_llama_cpp(monkeypatch):
     FakeLlama.instances = []
-    module = types.SimpleNamespace(Llama=FakeLlama, LlamaPromptLookupDecoding=FakeLookup)
+    module = types.ModuleType("llama_cpp")
+    module.Llama = FakeLlama
+    module.__path__ = []  # a package, as the real one is
+    speculative = types.ModuleType("llama_cpp.llama_speculative")
+    speculative.LlamaPromptLookupDecoding = FakeLookup
+    module.llama_speculative = speculative
     monkeypatch.setitem(sys.modules, "llama_cpp", module)
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_speculative", speculative)
     return module
 
 

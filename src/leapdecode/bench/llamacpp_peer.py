@@ -107,7 +107,8 @@ class LlamaCppRunner:
         if needed > self.max_context:
             raise LeapdecodeError(f"{self.name}: {needed} positions exceed the model's context of {self.max_context}")
         if self._llm is None or needed > self._n_ctx:
-            from llama_cpp import Llama, LlamaPromptLookupDecoding
+            from llama_cpp import Llama
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
             n_ctx = _MIN_CONTEXT
             while n_ctx < needed:
