@@ -182,7 +182,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMAND_MODULES = (".bench.cli", ".bench.perplexity", ".bench.diverse", ".training.cli", ".server.cli", ".calibrate")
+SUBCOMMAND_MODULES = (".bench.cli", ".bench.agreement", ".bench.perplexity", ".bench.diverse", ".training.cli", ".server.cli", ".calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .. import kv_cache
+from .cache import GrowingCache
 
 WIDTHS = (1, 2, 4, 8, 16, 32)
 
@@ -24,14 +24,15 @@ def pass_cost_ms(model: torch.nn.Module, widths=WIDTHS, context: int = 300, repe
     vocab = vocab or model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, context + max(widths)), generator=g).to(device)
-    cache = kv_cache.new_cache()
+    cache = GrowingCache()
     model(input_ids=ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
 
     def one(width: int) -> float:
         start = time.perf_counter()
         model(input_ids=ids[:, context:context + width], cache=cache, use_cache=True, logits_to_keep=width)
         seconds = time.perf_counter() - start
-        kv_cache.crop(cache, context)
+        for layer in cache.layers:  # back to the context (a prefix view: the buffer's end moves)
+            layer.keys, layer.values = layer.keys[..., :context, :], layer.values[..., :context, :]
         return seconds
 
     times: dict[int, list[float]] = {w: [] for w in widths}
