@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
-.PHONY: demo test test-fast bench bench-qwen models peers setup clean
+.PHONY: demo test test-fast bench bench-qwen models peers peers-rebuild setup clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -53,12 +53,18 @@ bench-qwen: models
 LLAMA_CPP_VERSION ?= 0.3.36
 LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF \
 	-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+# Already installed at that version: nothing to do (`make peers-rebuild` builds it again).
 peers: $(STAMP)
+	@if $(BIN)/python -c "import sys, llama_cpp; sys.exit(llama_cpp.__version__ != '$(LLAMA_CPP_VERSION)')" \
+		2>/dev/null; then echo "llama-cpp-python $(LLAMA_CPP_VERSION) is installed"; else $(MAKE) peers-rebuild; fi
+
+peers-rebuild: $(STAMP)
 	@command -v cc >/dev/null && command -v c++ >/dev/null \
 		|| { echo "make peers: needs a C and C++ compiler (cc, c++) to build llama-cpp-python" >&2; exit 1; }
 	command -v cmake >/dev/null && command -v ninja >/dev/null || $(BIN)/python -m pip install -q cmake ninja
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/python -m pip install --no-cache-dir --no-binary llama-cpp-python \
-		"llama-cpp-python==$(LLAMA_CPP_VERSION)"
+		--force-reinstall --no-deps "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(BIN)/python -m pip install -q "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	$(BIN)/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
 
 test: $(STAMP)

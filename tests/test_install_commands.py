@@ -32,7 +32,7 @@ def _recipe(target: str, tmp_path: Path) -> list[str]:
     out = subprocess.run(["make", "-n", "--no-print-directory", target, f"BIN={Path(sys.executable).parent}",
                           f"STAMP={tmp_path / 'installed'}"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    return [line for line in out.stdout.splitlines() if line.strip()]
+    return [line for line in out.stdout.replace("\\\n", " ").splitlines() if line.strip()]  # joined continuations
 
 
 def _pip_install(argv: list[str]) -> tuple[object, list[str]]:
@@ -110,3 +110,20 @@ def test_install_refuses_unknown_presets(capsys):
         presets.install(["no-such-model"], dry_run=True)
     assert main(["models", "gemma3-270m"]) == 2  # names without --install
     assert "--install" in capsys.readouterr().err
+
+
+def test_make_peers_builds_a_pinned_portable_llama_cpp(tmp_path):
+    """`make peers-rebuild` (what `make peers` runs when llama-cpp-python is missing): a pinned source build
+    with the native CPU detection and AVX-512/AMX off; `make test` never needs it."""
+    recipe = _recipe("peers-rebuild", tmp_path)
+    builds = [shlex.split(line) for line in recipe if "llama-cpp-python==" in line and "--no-binary" in line]
+    assert len(builds) == 1, recipe
+    env, argv = builds[0][0], builds[0][1:]
+    assert env.startswith("CMAKE_ARGS=")
+    flags = set(env.split("=", 1)[1].split())
+    assert {"-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_AVX512=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
+            "-DGGML_AMX_BF16=OFF"} <= flags
+    assert argv[1:4] == ["-m", "pip", "install"]
+    options, args = _pip_install(argv[4:])
+    assert args == ["llama-cpp-python==0.3.36"] and "--no-cache-dir" in argv  # no wheel cached with other flags
+    assert "llama" not in " ".join(_recipe("test", tmp_path))
