@@ -30,6 +30,14 @@ def _target():
 def _variant(method: str, folder) -> str:
     """The method name with the files it needs (a random trained drafter, random routers)."""
     base = method.split("+")[0]  # BASE+RULE (relaxed acceptance) needs what BASE needs
+    if method.endswith("+judge"):  # a judge head for this target (accepting nothing)
+        from leapdecode.drafters.checkpoint import target_fingerprint
+        from leapdecode.verifiers.judge import save_judge
+
+        target = _target()
+        save_judge(folder / "judge", torch.nn.Linear(64, 1), {
+            "target_fingerprint": target_fingerprint(target.model), "hidden_size": 64})
+        method = f"{method}@judge={folder / 'judge'}@threshold=1"
     if base in TRAINED:
         return f"{method}@drafter={fresh_drafter(base, _target(), folder / base)}"
     if method == "first":

@@ -297,6 +297,9 @@ def decode_step(rows: list[Sequence], scorer: Scorer, cut: DraftCut | None = Non
                 logits[b, 0] = ruled
     own = [verifier_logits(logits[b : b + 1, : tree.size + 1], row.params)
            for b, (row, tree) in enumerate(zip(rows, trees))]
+    for b, (row, tree) in enumerate(zip(rows, trees)):  # rules reading the hidden states (judge): this pass's
+        if row.drafter.acceptance is not None and hidden is not None and wants_hidden[b]:
+            row.drafter.acceptance.bind(hidden[b, : tree.size + 1])
     verdict = verify_rows(trees, logits, [row.params for row in rows], [row.generator for row in rows],
                           errors, own, [row.drafter.acceptance for row in rows])
     verified = time.perf_counter()

@@ -15,21 +15,38 @@ KNOBS = {
     "typical": "epsilon (0.09), delta (sqrt(epsilon)): accept p(x) > min(epsilon, delta exp(-H(p)))",
     "lantern": "k (8), delta (0.1), embeddings (input|output): mass of x's latent neighbourhood, TV budget delta",
     "grouped": "tau (0.5), max_group (8): x in the smallest top-token group with target mass >= tau",
+    "judge": "judge (DIR, default: the last trained for the model), threshold (0.5): a trained judge head "
+             "on the target's hidden state at x (`leapdecode train-judge`)",
 }
 
 
 def _rule(build: MethodBuild, rule: str, knobs: dict):
-    """The rule, built once per build that keeps shared state (lantern's neighbour cache)."""
+    """The rule, built once per build that keeps shared state (lantern's neighbour cache); a judge rule holds
+    its pass's hidden states, so each drafter gets its own (sharing the loaded head)."""
     key = ("acceptance", rule, tuple(sorted(knobs.items())))
+    if rule == "judge" and build.shared is not None and key in build.shared:
+        shared = build.shared[key]
+        return type(shared)(shared.head, shared.threshold)
     if build.shared is not None and key in build.shared:
         return build.shared[key]
     try:
-        made = make_rule(rule, knobs, build.target.model)
+        made = _judge(build, knobs) if rule == "judge" else make_rule(rule, knobs, build.target.model)
     except ValueError as err:
         raise InvalidSettingError(str(err)) from None
     if build.shared is not None:
         build.shared[key] = made
     return made
+
+
+def _judge(build: MethodBuild, knobs: dict):
+    from ..drafters.checkpoint import target_facts, target_fingerprint
+    from ..verifiers.judge import JudgeRule, default_judge, load_judge
+
+    model = build.target.model
+    fingerprint = target_fingerprint(model)
+    folder = knobs.get("judge") or default_judge(fingerprint, build.target.name)
+    head, _ = load_judge(folder, fingerprint, target_facts(model)[0])
+    return JudgeRule(head.to(model.device), knobs.get("threshold", 0.5))
 
 
 def relaxed(base: MethodSpec, rule: str) -> MethodSpec:
@@ -41,6 +58,8 @@ def relaxed(base: MethodSpec, rule: str) -> MethodSpec:
         acceptance = _rule(build, rule, knobs)
         drafter = base.make_drafter(replace(build, options=rest))
         drafter.acceptance = acceptance
+        if acceptance.needs_hidden:  # the pass keeps its final hidden states for the rule
+            drafter.needs_target_hidden = True
         return drafter
 
     return MethodSpec(f"{base.name}+{rule}", LOSSY, f"{base.name} with relaxed {rule} acceptance; {KNOBS[rule]}",

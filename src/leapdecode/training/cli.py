@@ -60,6 +60,10 @@ def add_parser(subparsers) -> None:
 
     add_distill_parser(subparsers)
 
+    from .judge import add_judge_parser
+
+    add_judge_parser(subparsers)
+
 
 def cmd_train_drafter(args: argparse.Namespace) -> int:
     import torch

@@ -54,15 +54,22 @@ def _mass(p: torch.Tensor, token: int) -> float:
 class AcceptanceRule:
     """A relaxed acceptance rule. `admits_greedy(p, x)`: p the target's distribution at temperature 1 (V,);
     `admits_sampled(p, q, x, u, gamma)`: p the target's sampling distribution at this node (or the residual
-    its earlier siblings left), q the one x was drawn from, u the child's uniform draw. `exact`: the knobs are at zero relaxation."""
+    its earlier siblings left), q the one x was drawn from, u the child's uniform draw; `node`: the drafted node's
+    index in the tree. `exact`: the knobs are at zero relaxation. A rule that reads the target's final hidden
+    states sets `needs_hidden`; the step gives it the pass's rows with `bind(hidden (N+1, H))` first."""
 
     name = "exact"
     exact = True
+    needs_hidden = False
 
-    def admits_greedy(self, p: torch.Tensor, token: int) -> bool:
+    def bind(self, hidden: torch.Tensor | None) -> None:
+        pass
+
+    def admits_greedy(self, p: torch.Tensor, token: int, node: int = -1) -> bool:
         return False
 
-    def admits_sampled(self, p: torch.Tensor, q: torch.Tensor, token: int, u: float, gamma: float = 1.0) -> bool:
+    def admits_sampled(self, p: torch.Tensor, q: torch.Tensor, token: int, u: float, gamma: float = 1.0,
+                       node: int = -1) -> bool:
         return False
 
     def describe(self) -> str:
@@ -86,10 +93,10 @@ class TypicalRule(AcceptanceRule):
         scaled = self.delta * math.exp(-entropy) if not math.isinf(self.delta) else math.inf
         return min(self.epsilon, scaled)
 
-    def admits_greedy(self, p: torch.Tensor, token: int) -> bool:
+    def admits_greedy(self, p: torch.Tensor, token: int, node: int = -1) -> bool:
         return _mass(p, token) > self.threshold(p)
 
-    def admits_sampled(self, p, q, token, u, gamma=1.0) -> bool:
+    def admits_sampled(self, p, q, token, u, gamma=1.0, node=-1) -> bool:
         return _mass(p, token) > self.threshold(p)
 
     def describe(self) -> str:
@@ -135,12 +142,12 @@ class LanternRule(AcceptanceRule):
         keep = near[added <= self.delta + 1e-12]  # cumsum grows: the kept ones are a prefix
         return torch.cat([torch.tensor([token], device=p.device), keep])
 
-    def admits_greedy(self, p: torch.Tensor, token: int) -> bool:
+    def admits_greedy(self, p: torch.Tensor, token: int, node: int = -1) -> bool:
         if not 0 <= token < p.shape[-1]:
             return False
         return float(p[self.neighbourhood(p, token)].sum()) > float(p.max())
 
-    def admits_sampled(self, p, q, token, u, gamma=1.0) -> bool:
+    def admits_sampled(self, p, q, token, u, gamma=1.0, node=-1) -> bool:
         if not 0 <= token < p.shape[-1]:
             return False
         group = self.neighbourhood(p, token)
@@ -169,10 +176,10 @@ class GroupedRule(AcceptanceRule):
         size = int(reached[0]) + 1 if len(reached) else len(values)
         return order[:size]
 
-    def admits_greedy(self, p: torch.Tensor, token: int) -> bool:
+    def admits_greedy(self, p: torch.Tensor, token: int, node: int = -1) -> bool:
         return bool((self.group(p) == token).any())
 
-    def admits_sampled(self, p, q, token, u, gamma=1.0) -> bool:
+    def admits_sampled(self, p, q, token, u, gamma=1.0, node=-1) -> bool:
         group = self.group(p)
         if not bool((group == token).any()):
             return False
@@ -216,7 +223,7 @@ def _greedy(tree: DraftTree, target_logits: torch.Tensor, rule: AcceptanceRule) 
             nxt = next((c for c in kids if drafted[c] == row[at]), None)
             if nxt is None and kids:
                 p = soft[b, at]
-                admitted = [c for c in kids if rule.admits_greedy(p, drafted[c])]
+                admitted = [c for c in kids if rule.admits_greedy(p, drafted[c], node=c)]
                 if admitted:
                     nxt = max(admitted, key=lambda c: _mass(p, drafted[c]))
             if nxt is None:
@@ -228,13 +235,14 @@ def _greedy(tree: DraftTree, target_logits: torch.Tensor, rule: AcceptanceRule) 
     return Verdict(accepted_nodes=accepted_all, tokens=tokens_all)
 
 
-def _try(p: torch.Tensor, q: torch.Tensor, token: int, generator, rule: AcceptanceRule, gamma: float = 1.0) -> bool:
+def _try(p: torch.Tensor, q: torch.Tensor, token: int, generator, rule: AcceptanceRule, gamma: float = 1.0,
+         node: int = -1) -> bool:
     """One child: the exact test u * gamma * q(x) < p(x), else the rule with the same u and p."""
     u = float(torch.rand((), generator=generator))
     px, qx = _mass(p, token), _mass(q, token)
     if qx > 0 and u * gamma * qx < px:
         return True
-    return rule.admits_sampled(p, q, token, u, gamma)
+    return rule.admits_sampled(p, q, token, u, gamma, node=node)
 
 
 def _tree_walk(tree: DraftTree, b: int, p_rows: torch.Tensor, generator, rule: AcceptanceRule):
@@ -247,7 +255,7 @@ def _tree_walk(tree: DraftTree, b: int, p_rows: torch.Tensor, generator, rule: A
         chosen = None
         for c in children[at]:
             q = draft_q(tree, b, c, p)
-            if _try(p, q, drafted[c], generator, rule):
+            if _try(p, q, drafted[c], generator, rule, node=c):
                 chosen = c
                 break
             p = residual(p, q)
@@ -269,7 +277,7 @@ def _kseq_walk(tree: MultiDraftTree, b: int, p_rows: torch.Tensor, generator, ru
             return nodes, int(sample(p, generator))
         q = draft_q(tree, b, tries[0], p)
         gamma = kseq_gamma(p, q, len(tries))
-        chosen = next((c for c in tries if _try(p, q, drafted[c], generator, rule, gamma)), None)
+        chosen = next((c for c in tries if _try(p, q, drafted[c], generator, rule, gamma, node=c)), None)
         if chosen is None:
             return nodes, int(sample(kseq_residual(p, q, len(tries), gamma), generator))
         nodes.append(chosen)
@@ -284,6 +292,8 @@ RULES = {
     "lantern": ({"k": 8, "delta": 0.1, "embeddings": "input"},
                 "LANTERN latent-neighbourhood relaxation with a TV budget (Jang et al. 2024)"),
     "grouped": ({"tau": 0.5, "max_group": 8}, "Grouped Speculative Decoding (So et al. 2025)"),
+    "judge": ({"judge": None, "threshold": 0.5},
+              "Judge Decoding (Bachmann et al. 2025): a linear judge head on the target's hidden states"),
 }
 
 
@@ -303,4 +313,6 @@ def make_rule(name: str, options: dict, model=None) -> AcceptanceRule:
             module = model.get_input_embeddings() if which == "input" else model.get_output_embeddings()
             table = module.weight.detach()
         return LanternRule(table, options.get("k", 8), options.get("delta", 0.1))
+    if name == "judge":
+        raise ValueError("the judge rule is built from a trained judge (catalog.relaxed)")
     raise ValueError(f"unknown acceptance rule {name!r}; rules: {', '.join(RULES)}")
