@@ -98,8 +98,8 @@ class BlockCodec:
         per = 8 // self.bits
         if per == 1:
             return packed
-        shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * self.bits
-        q = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & self.levels
+        shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * self.bits
+        q = (packed.unsqueeze(-1) >> shifts) & self.levels
         return q.reshape(*packed.shape[:-1], -1)
 
     # ----- compress ---------------------------------------------------------------------------------------------
@@ -167,18 +167,14 @@ class BlockCodec:
         groups = blocks.scale.shape[-1]
         y = q.view(b, h, n, groups, -1) * blocks.scale[:, :, :n].float().unsqueeze(-1) \
             + blocks.zero[:, :, :n].float().unsqueeze(-1)
-        if blocks.out_index is not None:
+        if blocks.lr_a is not None:  # the low-rank error term, brought to the group layout
+            low = blocks.lr_a[:, :, :n].float() @ blocks.lr_b[:, :, :n].float()  # (b, h, n, T, d)
+            y = y + (low.transpose(-1, -2) if self.kind == "key" else low.reshape(y.shape))
+        if blocks.out_index is not None:  # the outliers are exact: written over everything else
             flat = y.reshape(b, h, n, -1)
             flat.scatter_(-1, blocks.out_index[:, :, :n].long(), blocks.out_values[:, :, :n].float())
             y = flat.view(b, h, n, groups, -1)
         x = self.from_groups(y, t, d)  # (b, h, n, T, d)
-        if blocks.lr_a is not None:
-            low = blocks.lr_a[:, :, :n].float() @ blocks.lr_b[:, :, :n].float()
-            if blocks.out_index is not None:  # the outliers are exact: no low-rank term on them
-                keep = torch.ones(b, h, n, groups * y.shape[-1], device=x.device)
-                keep.scatter_(-1, blocks.out_index[:, :, :n].long(), 0.0)
-                low = low * self.from_groups(keep.view(b, h, n, groups, -1), t, d)
-            x = x + low
         return x.reshape(b, h, n * t, d).to(dtype)
 
     def round_trip(self, x: Tensor) -> Tensor:
