@@ -205,7 +205,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
                     reference = tokens
                 result.agreement, result.same_prefix = same, prefix
         results.append(result)
-        print(f"  {result.kv}: perplexity {result.perplexity:.3f}", file=sys.stderr)
+        extra = "" if result.agreement is None else f", agreement {result.agreement:.3f} (same prefix {result.same_prefix})"
+        print(f"  {result.kv}: perplexity {result.perplexity:.3f}, KV bytes {result.kv_bytes} "
+              f"({100 * result.kv_bytes / result.bf16_bytes:.1f}% of bf16){extra}", file=sys.stderr)
     runtime = getattr(target, "runtime", None)
     weights = f" ({runtime.describe()})" if hasattr(runtime, "describe") else ""
     print(f"model {target.name}{weights}, {len(ids)} tokens of {source}, fed {args.chunk} at a time")
