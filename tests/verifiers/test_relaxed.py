@@ -177,3 +177,23 @@ def test_relaxed_methods_are_lossy_and_check_their_knobs():
     with pytest.raises(InvalidSettingError):
         Decoder(target, "pld+lantern", embeddings="hidden")
     assert Decoder(target, "pld+typical", epsilon=0.2).drafter.acceptance.epsilon == 0.2
+
+
+def test_relaxed_rows_in_the_batch_engine_equal_decoding_alone():
+    """A relaxed row shares a batch with exact rows: each gives what it gives decoded alone (greedy and seeded)."""
+    from leapdecode.batching import BatchEngine
+    from leapdecode.engine import _settings
+
+    target = tiny_loaded("qwen2", scale=4.0)
+    methods = {"pld": {}, "pld+grouped": {"tau": 0.9}, "pld-tree+typical": {"epsilon": 0.2}, "ar": {}}
+    # drafts as they would be alone (no width policy, no batch cap): a relaxed output depends on the drafts
+    engine = BatchEngine(target, methods, max_batch_size=4, step_draft_budget=64, fit_width=False)
+    jobs = []
+    for i, prompt in enumerate(prompts(8, n=6)):
+        method = list(methods)[i % 4]
+        kw = {"max_new_tokens": 16, **({"temperature": 0.8, "seed": i} if i >= 4 else {})}
+        jobs.append((prompt, method, kw, engine.submit(prompt, method, _settings(**kw))))
+    engine.run_until_done()
+    for prompt, method, kw, handle in jobs:
+        alone = Decoder(target, method, fit_width=False, **methods[method]).generate(prompt, **kw)
+        assert handle.result.token_ids == alone.token_ids, method
