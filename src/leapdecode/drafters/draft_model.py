@@ -113,7 +113,7 @@ def _draft_vocab(model: torch.nn.Module, size: int) -> DraftVocab | None:
     if size < 0:
         raise ValueError(f"draft_vocab must be >= 0 (0 = the full vocabulary), got {size}")
     head = model.get_output_embeddings()
-    if size == 0 or size >= head.weight.shape[0]:
+    if size == 0 or size >= head.out_features:
         return None
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):

@@ -18,7 +18,7 @@ class DraftVocab:
 
     def __init__(self, lm_head: torch.nn.Module, base: torch.Tensor):
         self.lm_head = lm_head
-        self.size = int(lm_head.weight.shape[0])
+        self.size = int(lm_head.out_features)
         self.base = torch.unique(base.long().cpu())
         if self.base.numel() and (int(self.base[0]) < 0 or int(self.base[-1]) >= self.size):
             raise ValueError(f"draft vocabulary ids must be in [0, {self.size})")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sampling import SamplingParams, probs_from_logits
+from ..runtime.quantized import module_device
 from ..tree import DraftTree
 from ..verifiers.tree_sampling import without_replacement
 from .base import DraftContext, DraftFeedback, Drafter
@@ -167,7 +168,7 @@ class FalconDrafter(Drafter):
             return None
         budget = min(self.max_nodes, ctx.max_tokens)
         hist_f = torch.stack(self.features)  # (W, H)
-        hist_e = self.embed(torch.tensor(self.next_tokens, device=self.embed.weight.device)).float()
+        hist_e = self.embed(torch.tensor(self.next_tokens, device=module_device(self.embed))).float()
         parents: list[int] = []
         tokens: list[int] = []
         probs: list[torch.Tensor] = []

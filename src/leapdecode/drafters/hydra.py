@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..runtime.quantized import module_device
 from .base import DraftContext, DraftFeedback
 from .medusa import DEFAULT_PATHS, FeatureDrafter, ResBlock
 
@@ -123,7 +124,7 @@ class HydraDrafter(FeatureDrafter):
 
     def child_logits(self, depth: int, prefixes: list[list[int]], ctx: DraftContext) -> torch.Tensor:
         ids = torch.tensor([[ctx.tokens[-1]] + p for p in prefixes], dtype=torch.long)  # (P, depth)
-        embeds = self.embed(ids.to(self.embed.weight.device)).float()
+        embeds = self.embed(ids.to(module_device(self.embed))).float()
         feature = self.feature[None].expand(len(prefixes), -1)
         self.forward_passes += 1
         return self.logits(self.net.head_state(depth, feature, embeds))

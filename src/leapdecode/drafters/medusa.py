@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..sampling import SamplingParams, gumbel_top_k, probs_from_logits
+from ..runtime.quantized import input_dtype
 from ..tree import DraftTree
 from ..verifiers.tree_sampling import without_replacement
 from .base import DraftContext, DraftFeedback, Drafter
@@ -178,7 +179,7 @@ class FeatureDrafter(Drafter):
     def logits(self, state: torch.Tensor) -> torch.Tensor:
         if self.vocab is not None:
             return self.vocab.logits(state)
-        return self.lm_head(state.to(self.lm_head.weight.dtype))
+        return self.lm_head(state.to(input_dtype(self.lm_head)))
 
     def child_logits(self, depth: int, prefixes: list[list[int]], ctx: DraftContext) -> torch.Tensor:
         raise NotImplementedError

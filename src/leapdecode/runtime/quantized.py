@@ -28,6 +28,22 @@ GROUP = 32  # int4 group size along the input dimension (GGUF's block size)
 SOURCE_ROWS = 16
 
 
+def input_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a layer takes (float32 for the runtime's layers) without dequantizing its weight."""
+    if isinstance(module, (_QuantLinear, QuantEmbedding)):
+        return torch.float32
+    return module.weight.dtype
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a layer's tensors are, without dequantizing its weight."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
 def leading_rows(module: nn.Module) -> torch.Tensor:
     """The first rows of a layer's weight as the checkpoint holds them, whatever the runtime made of the layer
     (identifies a model across weight formats: drafter and skip-set fingerprints)."""
@@ -72,9 +88,28 @@ class _QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
         self._dense: torch.Tensor | None = None
-        self.source_rows: torch.Tensor | None = None  # the first rows of the weight it was made from
+        self.register_buffer("source_rows", None)  # the first rows of the weight it was made from
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # (R, in) bf16 -> (R, out) bf16
+        raise NotImplementedError
+
+    def shape_record(self) -> dict:
+        """What `placeholder` needs to rebuild this module's empty shell (runtime/stored.py)."""
+        return {"in": self.in_features, "out": self.out_features, "bias": self.bias is not None,
+                "source_rows": None if self.source_rows is None else list(self.source_rows.shape)}
+
+    @classmethod
+    def placeholder(cls, record: dict) -> "_QuantLinear":
+        """An instance with empty buffers of the recorded shapes, to be filled by `load_state_dict(assign=True)`."""
+        module = cls.__new__(cls)
+        _QuantLinear.__init__(module, record["in"], record["out"],
+                              torch.empty(record["out"]) if record["bias"] else None)
+        if record.get("source_rows"):
+            module.source_rows = torch.empty(record["source_rows"])
+        module._empty_buffers()
+        return module
+
+    def _empty_buffers(self) -> None:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,6 +163,11 @@ class Int4Linear(_QuantLinear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
 
+    def _empty_buffers(self) -> None:
+        n, k = self.out_features, self.in_features
+        self.register_buffer("packed", torch.empty(n, k // 2, dtype=torch.uint8))
+        self.register_buffer("scales_zeros", torch.empty(k // GROUP, n, 2, dtype=torch.bfloat16))
+
 
 class Int8GroupLinear(_QuantLinear):
     """y = x W^T (+ b), W held as 8-bit codes with a scale and minimum per group of 32 inputs, computed as two
@@ -165,6 +205,10 @@ class Int8GroupLinear(_QuantLinear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # float32: the two halves are added unrounded
         return self.high._matmul(x).float() + self.low._matmul(x).float()
 
+    def _empty_buffers(self) -> None:
+        half = {"in": self.in_features, "out": self.out_features, "bias": False}
+        self.high, self.low = Int4Linear.placeholder(half), Int4Linear.placeholder(half)
+
 
 class Int8Linear(_QuantLinear):
     """y = x W^T (+ b), W held as int8 codes with one bf16 scale per output row."""
@@ -186,6 +230,10 @@ class Int8Linear(_QuantLinear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scales)
 
+    def _empty_buffers(self) -> None:
+        self.register_buffer("codes", torch.empty(self.out_features, self.in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(self.out_features, dtype=torch.bfloat16))
+
 
 class BF16Linear(_QuantLinear):
     """y = x W^T (+ b) with the dense weight rounded to bf16."""
@@ -197,6 +245,9 @@ class BF16Linear(_QuantLinear):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.dense.t()
+
+    def _empty_buffers(self) -> None:
+        self.register_buffer("dense", torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16))
 
 
 class QuantEmbedding(nn.Module):
@@ -216,7 +267,7 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("scales", scales.float().contiguous())  # (V, H / 32)
         self.multiplier = multiplier
         self._dense: torch.Tensor | None = None
-        self.source_rows: torch.Tensor | None = None  # the first rows of the table it was made from
+        self.register_buffer("source_rows", None)  # the first rows of the table it was made from
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, multiplier: torch.Tensor | None = None,
@@ -238,6 +289,18 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self._rows(ids)
+
+    def shape_record(self) -> dict:
+        return {"num": self.num_embeddings, "dim": self.embedding_dim, "padding_idx": self.padding_idx,
+                "source_rows": None if self.source_rows is None else list(self.source_rows.shape)}
+
+    @classmethod
+    def placeholder(cls, record: dict, multiplier: torch.Tensor | None = None) -> "QuantEmbedding":
+        module = cls(torch.empty(record["num"], record["dim"], dtype=torch.int8),
+                     torch.empty(record["num"], record["dim"] // GROUP), multiplier, record["padding_idx"])
+        if record.get("source_rows"):
+            module.source_rows = torch.empty(record["source_rows"])
+        return module
 
     @property
     def weight(self) -> torch.Tensor:

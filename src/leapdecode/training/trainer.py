@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..runtime.quantized import input_dtype
 from .data import FeatureData
 
 CHECKPOINT = "checkpoint.pt"
@@ -69,11 +70,11 @@ def head_loss(net, data: FeatureData, ends: torch.Tensor, idx: torch.Tensor, lm_
             prev = v_idx[:, None] + torch.arange(k)[None]
             embeds = embed(data.tokens[prev].to(device)).float()
         state = net.head_state(k, feature[valid.to(device)], embeds)
-        logits = lm_head(state.to(lm_head.weight.dtype)).float()
+        logits = lm_head(state.to(input_dtype(lm_head))).float()
         labels = data.tokens[t_idx].to(device)
         if objective == "distill":
             with torch.no_grad():
-                teacher = lm_head(data.features[t_idx].to(device).to(lm_head.weight.dtype)).float().softmax(-1)
+                teacher = lm_head(data.features[t_idx].to(device).to(input_dtype(lm_head))).float().softmax(-1)
             loss = F.kl_div(logits.log_softmax(-1), teacher, reduction="batchmean")  # KL(target || head)
         else:
             loss = F.cross_entropy(logits, labels)
