@@ -30,10 +30,11 @@ Prompt = "str | Sequence[dict] | Sequence[int]"
 class SequenceScorer:
     """The `step.Scorer` of one sequence: a `CausalLM` and its cache. The prompt (all but its last token) is
     fed with the first verification pass (one target call fewer), or alone first (`prefill`) when that pass
-    is a branching tree, whose mask would span the whole prompt."""
+    is a branching tree, whose mask would span the whole prompt, or when the runtime is exact
+    (`separate_prompt`: the prompt alone takes the fused kernel, and every method feeds it the same way)."""
 
-    def __init__(self, lm: CausalLM, lead: list[int]):
-        self.lm, self.lead = lm, list(lead)
+    def __init__(self, lm: CausalLM, lead: list[int], separate_prompt: bool = False):
+        self.lm, self.lead, self.separate_prompt = lm, list(lead), separate_prompt
         self.prefilled_at: float | None = None  # perf_counter once the prompt is in the cache
         self.start = 0  # cache position of the last pass's root
 
@@ -43,13 +44,13 @@ class SequenceScorer:
 
     def prefill(self) -> None:
         if self.lead:
-            self.lm.forward(torch.tensor([self.lead], dtype=torch.long), logits_to_keep=1)
+            self.lm.forward(torch.tensor([self.lead], dtype=torch.long), logits_to_keep=1, prompt=True)
             self.lead = []
             self.prefilled_at = time.perf_counter()
 
     def score(self, roots: list[int], trees: list[DraftTree], hidden: list[bool]):
         (root,), (tree,) = roots, trees
-        if self.lead and not tree.layout.is_chain:
+        if self.lead and (self.separate_prompt or not tree.layout.is_chain):
             self.prefill()
         self.start = self.lm.length + len(self.lead)
         logits = self.lm.score_tree(torch.tensor([self.lead + [root]], dtype=torch.long), tree)
@@ -131,7 +132,7 @@ class Decoder:
                                      tokenizer=self.target.tokenizer, stop_ids=self.target.stop_token_ids,
                                      context_length=context, history=self.history, started=started,
                                      logits_rule=self.spec.make_rule(self.build))
-            scorer = SequenceScorer(self.lm, prompt_ids[:-1])
+            scorer = SequenceScorer(self.lm, prompt_ids[:-1], separate_prompt=self.target.runtime.exact)
             if self.spec.target_patch is not None:  # methods that patch the target (lossy ones) keep a
                 scorer.prefill()  # separate prefill, which some of them decide on
             while not row.finished:

@@ -9,6 +9,7 @@ import torch
 
 from . import kv_cache
 from .masks import attention_masks
+from .runtime.attention import PROMPT_PASS
 from .tree import DraftTree
 
 
@@ -40,15 +41,16 @@ class CausalLM:
     def length(self) -> int:
         return kv_cache.cache_length(self.cache)
 
-    def forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
-        """Append `ids` (B, T) after the cache, causally; return logits (B, T or logits_to_keep, V)."""
+    def forward(self, ids: torch.Tensor, logits_to_keep: int = 0, prompt: bool = False) -> torch.Tensor:
+        """Append `ids` (B, T) after the cache, causally; return logits (B, T or logits_to_keep, V).
+        `prompt`: `ids` is a prompt fed alone into the empty cache (the exact runtime may use a fused kernel)."""
         if kv_cache.splits_passes(self.cache):  # a compressed cache: one call per view it gives
             logits = kv_cache.split_passes().forward(self, ids, logits_to_keep)
             if logits is not None:
                 return logits
         out = self.model(
             input_ids=ids.to(self.device), cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep,
-            **self._hidden_kwargs(),
+            **self._hidden_kwargs(), **({PROMPT_PASS: True} if prompt and self.length == 0 else {}),
         )
         self._keep(out)
         self.forward_passes += 1

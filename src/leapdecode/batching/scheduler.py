@@ -193,7 +193,7 @@ class BatchEngine:
         self.lm.reset()
         try:
             if len(p.prompt_ids) > 1:
-                self.lm.forward(torch.tensor([p.prompt_ids[:-1]], dtype=torch.long), logits_to_keep=1)
+                self.lm.forward(torch.tensor([p.prompt_ids[:-1]], dtype=torch.long), logits_to_keep=1, prompt=True)
             self.cache.add_row(self.lm.cache, len(p.prompt_ids) - 1)
         finally:
             self.lm.reset()

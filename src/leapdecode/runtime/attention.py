@@ -17,8 +17,9 @@ row (b, i) ──► visible keys of row i (from the mask, or causal when there 
            ──► softmax(q k^T * scale) v with q (Hkv, G, D), k, v (Hkv, n, D)          ──► row i's output
 ```
 A one-token step is the same call with n = every key, so the results are bitwise equal whatever the pass looks
-like (tests/runtime/test_attention.py and the property tests check it). The visible-key plan is built once per
-mask and reused by every layer of the pass.
+like (the property tests in tests/runtime/test_invariance.py check it). The visible-key plan is built once per
+mask and reused by every layer of the pass. The one exception is a prompt fed alone into an empty cache
+(`PROMPT_PASS`), which every sequence gets the same way: it takes transformers' fused SDPA.
 """
 from __future__ import annotations
 
@@ -27,9 +28,14 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 EXACT_ATTENTION = "leapdecode_exact"
+# Keyword a caller passes to the model's forward for a prompt fed into an empty cache (`CausalLM.forward`'s
+# `prompt=True`): every sequence's prompt is fed that way, alone, so its rows need no invariance and take the
+# fused kernel (transformers hands the keyword down to the attention function).
+PROMPT_PASS = "leapdecode_prompt"
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,8 @@ def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         raise ValueError("the exact attention does not support attention logit soft-capping")
     batch, heads, q, dim = query.shape
     kv_heads, kv = key.shape[1], key.shape[2]
+    if kwargs.pop(PROMPT_PASS, False) and attention_mask is None and q == kv:
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     group = heads // kv_heads
     layer_kind = "sliding" if kwargs.get("sliding_window") else "full"
     caches = _PLANS.__dict__.setdefault("by_kind", {})
