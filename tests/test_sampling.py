@@ -64,7 +64,7 @@ def sampled_counts(decoder: Decoder, params: SamplingParams, prompt: list[int] =
     return counts
 
 
-def wrong_verify(tree, logits, params, generator):
+def wrong_verify(tree, logits, params, generator, rule=None):
     """Speculative sampling with a bug: after a rejection it samples from p instead of the residual."""
     if params.greedy:
         return verify(tree, logits, params, generator)
