@@ -144,6 +144,6 @@ def test_sampling_matches_target_distribution(models, method, params):
 
 def test_wrong_tree_sampler_is_caught(models, monkeypatch):
     params = SamplingParams(temperature=1.0)
-    monkeypatch.setattr(step, "verify", lambda tree, logits, p, g: wrong_tree_verify(tree, logits, p, g))
+    monkeypatch.setattr(step, "verify", lambda tree, logits, p, g, rule=None: wrong_tree_verify(tree, logits, p, g))
     counts = sampled(tree_decoder(models, "stand"), params, runs=RUNS)
     assert chi_square_pvalue(counts, exact_distribution(models[0], TREE_PROMPT, params), RUNS) < 1e-6
