@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kv_cache
 from .errors import InvalidSettingError
+from .runtime.attention import PROMPT_PASS
 
 PEER_METHODS = ("hf-ar", "hf-pld", "hf-assisted")
 
@@ -41,6 +43,10 @@ def hf_generate(method: str, target, prompt_ids: list[int], max_new_tokens: int,
         pad = stop[0] if stop else 0
     started = time.perf_counter()
     with torch.inference_mode():
+        if target.runtime.exact:  # the prompt goes in as our engine feeds it (alone, into an empty cache)
+            cache = kv_cache.new_cache()
+            target.model(input_ids=ids[:, :-1], cache=cache, use_cache=True, logits_to_keep=1, **{PROMPT_PASS: True})
+            kwargs["past_key_values"] = cache
         out = target.model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
             temperature=None, top_p=None, top_k=None, eos_token_id=stop, pad_token_id=pad, **kwargs,

@@ -60,3 +60,16 @@ def test_batch_rows_equal_decoding_alone(arch):
     for prompt, handle in jobs:
         assert handle.error is None
         assert handle.result.token_ids == ar.generate(prompt, max_new_tokens=16).token_ids
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_transformers_generate_on_the_runtime_equals_ar(arch):
+    """`hf-ar` runs transformers' generate() on the same runtime after the same prompt pass: the same tokens.
+    (`hf-pld`'s candidate verification is transformers' own and is compared by the bench, not here.)"""
+    from leapdecode.peers import hf_generate
+
+    target = runtime_loaded(arch)
+    ar = Decoder(target, "ar")
+    for prompt in random_prompts(7, n=3):
+        ref = ar.generate(prompt, max_new_tokens=16).token_ids
+        assert hf_generate("hf-ar", target, prompt, 16).token_ids == ref, prompt
