@@ -43,7 +43,8 @@ def hf_generate(method: str, target, prompt_ids: list[int], max_new_tokens: int,
         pad = stop[0] if stop else 0
     started = time.perf_counter()
     with torch.inference_mode():
-        if target.runtime.exact:  # the prompt goes in as our engine feeds it (alone, into an empty cache)
+        if target.runtime.exact and method != "hf-assisted":  # the prompt goes in as our engine feeds it
+            # (alone, into an empty cache); assisted generation keeps its own prompt handling for both models
             cache = kv_cache.new_cache()
             target.model(input_ids=ids[:, :-1], cache=cache, use_cache=True, logits_to_keep=1, **{PROMPT_PASS: True})
             kwargs["past_key_values"] = cache
