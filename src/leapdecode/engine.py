@@ -4,7 +4,8 @@
 ```
 prompt ──► ids (chat template or raw) ──► Sequence (drafter begins with the prompt)
 loop: step.decode_step([sequence], SequenceScorer)   propose -> cut -> score -> verify -> commit -> stop
-      (the first pass also feeds the prompt, so prefill costs no extra call)
+      (the first pass also feeds the prompt, so prefill costs no extra call; on the exact runtime the
+      prompt goes in alone first: SequenceScorer)
 stop: EOS/end-of-turn token, max_new_tokens, stop string, context full
 ```
 """
