@@ -75,7 +75,7 @@ class Decoder:
         self.spec = get_method(method)
         if self.spec.needs_draft_model and draft is None:
             raise InvalidSettingError(f"method {method!r} needs a draft model (draft=... / --draft-model)")
-        if draft is not None:
+        if draft is not None and self.spec.same_tokenizer:
             from .loading import check_draft_compatible
 
             check_draft_compatible(target, draft)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from .catalog import core, diverse, layer_skip, trained, trees
-from .catalog import relaxed
+from .catalog import reasoning, relaxed
 from .catalog.spec import LOSSLESS, LOSSY, MethodBuild, MethodSpec
 from .errors import InvalidSettingError, LeapdecodeError
 
-FAMILIES = (core, trees, trained, layer_skip, diverse, relaxed)
+FAMILIES = (core, trees, trained, layer_skip, diverse, relaxed, reasoning)
 
 
 def _registry() -> dict[str, MethodSpec]:

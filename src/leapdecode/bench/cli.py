@@ -175,7 +175,8 @@ def run_bench(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     target = _load_model(args.model, device, args.weights)
     draft = _load_model(args.draft_model, device, args.weights) if use_draft else None
-    if draft is not None:
+    text_only = {s.name for s in all_methods() if not s.same_tokenizer}  # their drafts cross as text
+    if draft is not None and any(needs_draft(m) and split_variant(m)[0] not in text_only for m in methods):
         from leapdecode.loading import check_draft_compatible
 
         check_draft_compatible(target, draft)

@@ -33,6 +33,8 @@ class MethodSpec:
     paper: str
     make_drafter: Callable[[MethodBuild], Drafter]
     needs_draft_model: bool = False
+    # False for methods whose draft model's text, not its token ids, reaches the target (specreason)
+    same_tokenizer: bool = True
     # For methods that change how the target itself runs (layer skipping, early exit): a context manager
     # entered around each generation, which must restore the model on exit.
     target_patch: Callable[[MethodBuild], AbstractContextManager] | None = None
