@@ -182,7 +182,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMAND_MODULES = (".bench.cli", ".bench.agreement", ".bench.perplexity", ".bench.diverse", ".training.cli", ".server.cli", ".calibrate")
+SUBCOMMAND_MODULES = (".bench.cli", ".bench.agreement", ".bench.perplexity", ".bench.diverse", ".training.cli", ".server.cli", ".calibrate",
+                      ".export.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,15 +61,54 @@ class _Layer(nn.Module):
         return x + self.down(F.silu(self.up(self.norm2(x))))
 
 
+def eagle_layer_config(hidden_size: int, attention_heads: int | None = None, kv_heads: int | None = None,
+                       intermediate_size: int | None = None, rope_theta: float = 10000.0,
+                       rms_norm_eps: float = 1e-6, max_positions: int = 4096):
+    """The Llama config of EAGLE's decoder layer for a drafter of width `hidden_size` (heads of 64 by default)."""
+    from transformers import LlamaConfig
+
+    heads = attention_heads or max(1, hidden_size // 64)
+    if hidden_size % heads:
+        raise ValueError(f"hidden size {hidden_size} is not a multiple of {heads} attention heads")
+    config = LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                         head_dim=hidden_size // heads, rms_norm_eps=rms_norm_eps, num_hidden_layers=1,
+                         rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
+                         max_position_embeddings=max_positions, vocab_size=1, hidden_act="silu",
+                         attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_id=None,
+                         pad_token_id=None)
+    config._attn_implementation = "sdpa"
+    return config
+
+
 class FalconDrafterNet(nn.Module):
+    """`layer="falcon"`: `_Layer` (pre-norm, no positions, window of pairs); `layer="eagle"`: EAGLE's layer, a
+    Llama decoder layer (transformers' own) with rotary positions over the window and no input norm on the
+    first layer, the shape vLLM and SGLang load as an EAGLE drafter (`leapdecode export`). Rotary positions
+    are relative, so a window that starts anywhere in the text gives the same outputs."""
+
     kind = "falcon"
 
-    def __init__(self, hidden_size: int, layers: int = 1, window: int = 16, num_heads: int = 2):
+    def __init__(self, hidden_size: int, layers: int = 1, window: int = 16, num_heads: int = 2,
+                 layer: str = "falcon", attention_heads: int | None = None, kv_heads: int | None = None,
+                 intermediate_size: int | None = None, rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6):
         super().__init__()
+        if layer not in ("falcon", "eagle"):
+            raise ValueError(f"falcon layer must be 'falcon' or 'eagle', got {layer!r}")
         self.window = window
         self.block = 2  # tokens per drafter step (the layer's token + the glance head's token)
+        self.layer_style = layer
         self.fuse = nn.Linear(2 * hidden_size, hidden_size, bias=False)
-        self.layers = nn.ModuleList(_Layer(hidden_size) for _ in range(layers))
+        if layer == "eagle":
+            from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+            self.layer_config = eagle_layer_config(hidden_size, attention_heads, kv_heads, intermediate_size,
+                                                   rope_theta, rms_norm_eps)
+            self.layers = nn.ModuleList(LlamaDecoderLayer(self.layer_config, i) for i in range(layers))
+            self.layers[0].input_layernorm = nn.Identity()  # EAGLE: the fused input goes in unnormalized
+            self.rotary = LlamaRotaryEmbedding(self.layer_config)  # buffers only, not saved
+        else:
+            self.layers = nn.ModuleList(_Layer(hidden_size) for _ in range(layers))
         self.glance_in = nn.Linear(2 * hidden_size, hidden_size, bias=False)
         with torch.no_grad():
             self.glance_in.weight.zero_()
@@ -79,6 +118,15 @@ class FalconDrafterNet(nn.Module):
     def step(self, features: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """Pairs (B, T, H) + (B, T, H) -> pseudo-features for the next position of each pair (B, T, H)."""
         x = self.fuse(torch.cat([features, embeds], dim=-1))
+        if self.layer_style == "eagle":
+            b, t, _ = x.shape
+            positions = torch.arange(t, device=x.device)[None].expand(b, t)
+            rope = self.rotary(x, positions)
+            mask = torch.full((t, t), float("-inf"), device=x.device, dtype=x.dtype).triu(1)[None, None]
+            for layer in self.layers:
+                x = layer(x, attention_mask=mask.expand(b, 1, t, t), position_ids=positions,
+                          position_embeddings=rope)
+            return x
         for layer in self.layers:
             x = layer(x)
         return x

@@ -112,16 +112,37 @@ class ResBlock(nn.Module):
         return x + self.out(nn.functional.silu(self.inner(x)))
 
 
+class LinearResBlock(nn.Module):
+    """x + silu(W x + b), the Medusa paper's block (the layout vLLM loads); W and b start at zero (identity)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + nn.functional.silu(self.linear(x))
+
+
+BLOCKS = {"mlp": ResBlock, "linear": LinearResBlock}
+
+
 class MedusaHeads(nn.Module):
-    """K sequentially independent heads: head k maps h_t (..., H) to a state for the frozen LM head."""
+    """K sequentially independent heads: head k maps h_t (..., H) to a state for the frozen LM head.
+    `block`: "mlp" (x + W_out silu(W_in x)) or "linear" (the paper's x + silu(W x), which `leapdecode export`
+    can write in vLLM's layout)."""
 
     kind = "medusa"
     conditions_on_tokens = False
 
-    def __init__(self, hidden_size: int, num_heads: int = 4, layers: int = 1):
+    def __init__(self, hidden_size: int, num_heads: int = 4, layers: int = 1, block: str = "mlp"):
         super().__init__()
+        if block not in BLOCKS:
+            raise ValueError(f"medusa block must be one of {', '.join(BLOCKS)}, got {block!r}")
         self.num_heads = num_heads
-        self.heads = nn.ModuleList(nn.Sequential(*[ResBlock(hidden_size) for _ in range(layers)])
+        self.block = block
+        self.heads = nn.ModuleList(nn.Sequential(*[BLOCKS[block](hidden_size) for _ in range(layers)])
                                    for _ in range(num_heads))
 
     def head_state(self, k: int, feature: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,13 +14,14 @@ import json
 import time
 from pathlib import Path
 
-KINDS = ("medusa", "hydra", "falcon")
+KINDS = ("medusa", "hydra", "falcon", "hidden-transfer")
 
 
 def add_parser(subparsers) -> None:
     from ..arguments import add_model_arguments
 
-    p = subparsers.add_parser("train-drafter", help="train medusa/hydra/falcon drafter heads on a target model",
+    p = subparsers.add_parser("train-drafter",
+                              help="train medusa/hydra/falcon/hidden-transfer drafters on a target model",
                               description="Self-distillation: the target answers prompts, its hidden states and "
                               "tokens train a small drafter; saves safetensors + JSON config to --out.")
     add_model_arguments(p)
@@ -39,11 +40,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-minutes", type=float, default=25.0, help="whole run, data generation included")
     p.add_argument("--data-share", type=float, default=0.45, help="share of --max-minutes for data generation")
     p.add_argument("--max-new-tokens", type=int, default=160, help="length of each generated answer")
-    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="heads (default 4); hidden-transfer: pseudo positions (default 3)")
+    p.add_argument("--transfer-layer", type=int, default=None, metavar="L",
+                   help="hidden-transfer: the pseudo states enter the target at decoder layer L (default: two "
+                   "thirds of the way up)")
     p.add_argument("--layers", type=int, default=1, help="residual blocks per head / decoder layers (falcon)")
     p.add_argument("--prefix-window", type=int, default=0, metavar="W",
                    help="hydra: Hydra++'s extra decoder layer over the features of the last W positions "
                    "(0 = off)")
+    p.add_argument("--exportable", action="store_true",
+                   help="train in the layout `leapdecode export` writes for vLLM/SGLang: medusa with the paper's "
+                   "blocks (x + silu(Wx+b)), falcon with EAGLE's Llama layer (hydra has no such layout)")
     p.add_argument("--draft-vocab", type=int, default=8192, metavar="K",
                    help="save the K most frequent tokens of the training answers as the draft vocabulary "
                    "(drafting reads only their LM-head rows, plus the prompt's; 0 = the full vocabulary)")
@@ -81,9 +89,16 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         raise InvalidSettingError("--max-minutes must be > 0 and --data-share in (0, 1)")
     if args.prefix_window and (args.kind != "hydra" or args.prefix_window < 0):
         raise InvalidSettingError("--prefix-window needs --kind hydra and a window >= 1")
+    if args.transfer_layer is not None and args.kind != "hidden-transfer":
+        raise InvalidSettingError("--transfer-layer needs --kind hidden-transfer")
+    if args.num_heads is None:
+        args.num_heads = 3 if args.kind == "hidden-transfer" else 4
     if args.num_heads < 1 or args.layers < 1 or args.epochs <= 0 or args.batch_size < 1 or args.draft_vocab < 0:
         raise InvalidSettingError("--num-heads, --layers and --batch-size must be >= 1, --epochs > 0 and "
                                   "--draft-vocab >= 0")
+    if args.exportable and args.kind == "hydra":
+        raise InvalidSettingError("--exportable: hydra's sequential heads have no vLLM or SGLang layout; "
+                                  "train medusa (vLLM) or falcon (EAGLE in vLLM and SGLang)")
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
@@ -101,8 +116,20 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
                       progress=not args.no_progress)
     print(f"data: {data.samples} answers, {len(data.tokens)} tokens")
     settings = {"num_heads": args.num_heads, "layers": args.layers}
+    if args.kind == "hidden-transfer":
+        from ..layer_skip import num_layers
+
+        total = num_layers(target.model)
+        layer = args.transfer_layer if args.transfer_layer is not None else max(1, min(total - 1, 2 * total // 3))
+        if not 1 <= layer < total:
+            raise InvalidSettingError(f"--transfer-layer must be in [1, {total - 1}] for this {total}-layer model")
+        if getattr(args, "exportable", False):
+            raise InvalidSettingError("--exportable: hidden-transfer's transfer layers have no vLLM or SGLang layout")
+        settings = {"num_heads": args.num_heads, "transfer_layer": layer, "num_layers": total}
     if args.prefix_window:
         settings["prefix_window"] = args.prefix_window
+    if args.exportable:
+        settings.update({"block": "linear"} if args.kind == "medusa" else {"layer": "eagle"})
     config = DrafterConfig(kind=args.kind, hidden_size=hidden, vocab_size=vocab, target_fingerprint=fingerprint,
                            target_name=target.name, settings=settings)
     torch.manual_seed(args.seed)
@@ -117,6 +144,12 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         from ..drafters.falcon import falcon_loss_fn
 
         loss_fn = falcon_loss_fn(net, target, data, args.objective)
+    elif args.kind == "hidden-transfer":  # it reruns the target's upper layers on each answer, with its prompt
+        from ..drafters.hidden_transfer import hidden_transfer_loss_fn
+        from .data import encode_row
+
+        prompts = [encode_row(target, row) for row in rows[: data.samples]]
+        loss_fn = hidden_transfer_loss_fn(net, target, data, prompts, args.objective)
     report = train(net, target, data, train_settings, out, loss_fn=loss_fn)
     config.training = {"steps": report.steps, "first_loss": report.first_loss, "last_loss": report.last_loss,
                        "head_accuracy": report.head_accuracy, "answers": data.samples,
