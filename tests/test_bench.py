@@ -19,7 +19,7 @@ from test_trained_drafters import fresh_drafter
 L = 5  # self-spec's default skip set and ffn-skip need a few layers
 QUESTIONS = [Question(1, "copy", ["w1 w2 w3 w4 w5 w1 w2 w3"], reference="w1"), Question(2, "chat", ["w20 w21"])]
 DRAFT_NEEDED = {"draft", "draft-tree", "spectr"}
-TRAINED = {"medusa", "hydra", "falcon"}
+TRAINED = {"medusa", "hydra", "falcon", "hidden-transfer"}
 SKIPPED: dict[str, str] = {}  # method -> why it cannot run here (none so far)
 
 

@@ -36,9 +36,15 @@ def kind_of(variant: str) -> str:
 
 def fresh_drafter(kind: str, target, folder: Path, seed: int = 0) -> Path:
     hidden, vocab = target_facts(target.model)
+    settings = dict(SETTINGS.get(kind, {}))
+    if kind == "hidden-transfer":  # the split of the target's layers: the upper half
+        from leapdecode.layer_skip import num_layers
+
+        total = num_layers(target.model)
+        settings.update(num_heads=3, transfer_layer=total // 2, num_layers=total)
     config = DrafterConfig(kind=kind_of(kind), hidden_size=hidden, vocab_size=vocab,
                            target_fingerprint=target_fingerprint(target.model), target_name=target.name,
-                           settings=SETTINGS[kind])
+                           settings=settings)
     torch.manual_seed(seed)
     net = make_module(config)
     with torch.no_grad():  # random, not identity, so drafts differ from the target's own choice

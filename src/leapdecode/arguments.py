@@ -36,8 +36,8 @@ FILE_FLAGS = (
     FileFlag("--skip-config", "skip_config", ("self-spec",), False,
              "self-spec: skip set JSON made by `leapdecode calibrate-skip`",
              ("skip_layers", "skip_attention", "skip_ffn", "draft_layers")),
-    FileFlag("--drafter", "drafter", ("medusa", "hydra", "falcon"), True,
-             "medusa/hydra/falcon: trained drafter folder made by `leapdecode train-drafter`"),
+    FileFlag("--drafter", "drafter", ("medusa", "hydra", "falcon", "hidden-transfer"), True,
+             "medusa/hydra/falcon/hidden-transfer: trained drafter folder made by `leapdecode train-drafter`"),
 )
 
 

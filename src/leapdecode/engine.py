@@ -87,6 +87,7 @@ class Decoder:
         self.build = MethodBuild(target=target, draft=draft, options=dict(options))
         self.drafter = self.spec.make_drafter(self.build)
         self.lm.keep_hidden = self.drafter.needs_target_hidden
+        self.lm.hidden_layer = self.drafter.target_hidden_layer
         # greedy drafts are cut to the size with the most expected tokens per second (draft_cut.py); what it
         # learns of this decoder's drafts carries over from call to call
         self.cut = DraftCut() if fit_width and self.spec.target_patch is None else None

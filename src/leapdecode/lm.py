@@ -31,6 +31,7 @@ class CausalLM:
         # 5.x that entry is the output of the final norm (lm_head(last_hidden) == logits; tested in
         # tests/test_trained_drafters.py), i.e. the features Medusa's heads read.
         self.keep_hidden = False
+        self.hidden_layer = -1  # which hidden states `last_hidden` keeps (a drafter's `target_hidden_layer`)
         self.last_hidden: torch.Tensor | None = None
 
     def reset(self) -> None:
@@ -74,7 +75,7 @@ class CausalLM:
         if not self.keep_hidden:
             self.last_hidden = None
             return
-        hidden = out.hidden_states[-1]
+        hidden = out.hidden_states[self.hidden_layer]
         self.last_hidden = hidden[:, -out.logits.shape[1]:]  # the rows that have logits
 
     def score_tree(self, root: torch.Tensor, tree: DraftTree) -> torch.Tensor:

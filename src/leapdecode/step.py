@@ -119,10 +119,11 @@ class Scorer(Protocol):
 
     prompt_pending: bool  # the next pass also feeds a prompt (so its time is not a verification pass's)
 
-    def score(self, roots: list[int], trees: list[DraftTree], hidden: list[bool]
+    def score(self, roots: list[int], trees: list[DraftTree], hidden: list[int | None]
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, q, V): row b's entry 0 after its root, i+1 after its node i; and the final hidden states
-        (B, q, H) when any `hidden[b]` asks for them, else None."""
+        """Logits (B, q, V): row b's entry 0 after its root, i+1 after its node i; and hidden states (B, q, H)
+        when any `hidden[b]` asks for them (row b's: the model's `hidden_states[hidden[b]]`, -1 the final
+        post-norm ones), else None."""
         ...
 
     def commit(self, accepted: list[list[int]]) -> None:
@@ -288,7 +289,8 @@ def decode_step(rows: list[Sequence], scorer: Scorer, cut: DraftCut | None = Non
         fit_width(rows, trees, cut, skip=failed)
 
     pass_started = time.perf_counter()
-    wants_hidden = [row.drafter.needs_target_hidden for row in rows]
+    # per row: the index into the model's hidden states its drafter reads (-1: the final ones), None: none
+    wants_hidden = [row.drafter.target_hidden_layer if row.drafter.needs_target_hidden else None for row in rows]
     logits, hidden = scorer.score([row.tokens[-1] for row in rows], trees, wants_hidden)
     for b, row in enumerate(rows):
         if row.logits_rule is not None and b not in failed:
@@ -298,7 +300,7 @@ def decode_step(rows: list[Sequence], scorer: Scorer, cut: DraftCut | None = Non
     own = [verifier_logits(logits[b : b + 1, : tree.size + 1], row.params)
            for b, (row, tree) in enumerate(zip(rows, trees))]
     for b, (row, tree) in enumerate(zip(rows, trees)):  # rules reading the hidden states (judge): this pass's
-        if row.drafter.acceptance is not None and hidden is not None and wants_hidden[b]:
+        if row.drafter.acceptance is not None and hidden is not None and wants_hidden[b] is not None:
             row.drafter.acceptance.bind(hidden[b, : tree.size + 1])
     verdict = verify_rows(trees, logits, [row.params for row in rows], [row.generator for row in rows],
                           errors, own, [row.drafter.acceptance for row in rows])
@@ -307,7 +309,7 @@ def decode_step(rows: list[Sequence], scorer: Scorer, cut: DraftCut | None = Non
 
     for b, (row, tree) in enumerate(zip(rows, trees)):
         if b not in failed:
-            own_hidden = hidden[b : b + 1, : tree.size + 1] if wants_hidden[b] and hidden is not None else None
+            own_hidden = hidden[b : b + 1, : tree.size + 1] if wants_hidden[b] is not None and hidden is not None else None
             _attempt(errors, b, learn, row, tree, proposed[b], verdict.accepted_nodes[b], verdict.tokens[b], own[b],
                      own_hidden, measured)
     if measured:  # the pass and its verification, and the rest of the step (drafting)

@@ -168,17 +168,23 @@ class RaggedScorer:
         self.model, self.cache, self.device = model, cache, device
         self.width = 0  # query columns of the last pass
 
-    def score(self, roots: list[int], trees: list[DraftTree], hidden: list[bool]):
+    def score(self, roots: list[int], trees: list[DraftTree], hidden: list[int | None]):
         inputs = self.cache.step_inputs(roots, trees)
+        wanted = {h for h in hidden if h is not None}
         masks = {k: m.to(self.device) for k, m in inputs.masks.items()}
         out = self.model(
             input_ids=inputs.ids.to(self.device), position_ids=inputs.positions.to(self.device),
             attention_mask=masks if self.cache.sliding_window is not None else masks["full_attention"],
-            cache=self.cache.cache, use_cache=True, **({"output_hidden_states": True} if any(hidden) else {}),
+            cache=self.cache.cache, use_cache=True, **({"output_hidden_states": True} if wanted else {}),
         )
         self.width = inputs.ids.shape[1]
-        # logits (B, q, V); hidden states (B, q, H): the final norm's outputs, like lm.CausalLM's
-        return out.logits, (out.hidden_states[-1] if any(hidden) else None)
+        # logits (B, q, V); hidden states (B, q, H): each row's `hidden[b]` entry of the model's hidden states
+        # (-1: the final norm's outputs, like lm.CausalLM's)
+        if not wanted:
+            return out.logits, None
+        if len(wanted) == 1:
+            return out.logits, out.hidden_states[wanted.pop()]
+        return out.logits, torch.stack([out.hidden_states[-1 if h is None else h][b] for b, h in enumerate(hidden)])
 
     def commit(self, accepted: list[list[int]]) -> None:
         self.cache.commit(accepted, self.width)

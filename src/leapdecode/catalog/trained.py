@@ -1,16 +1,19 @@
-"""Trained drafters on the target's features (medusa, hydra, falcon); all lossless through tree verification.
+"""Trained drafters on the target's features (medusa, hydra, falcon, hidden-transfer); all lossless through tree
+verification.
 Each loads a drafter trained by `leapdecode train-drafter` (option `drafter=DIR`, default: the last one trained
 for this target and kind) and refuses one trained for another model."""
 from __future__ import annotations
 
 from ..drafters import checkpoint
 from ..drafters.falcon import FalconDrafter
+from ..drafters.hidden_transfer import HiddenTransferDrafter
 from ..drafters.hydra import HydraDrafter
 from ..drafters.medusa import MedusaDrafter
 from ..errors import InvalidSettingError
 from .spec import LOSSLESS, MethodBuild, MethodSpec, take_options
 
-DRAFTERS = {"medusa": MedusaDrafter, "hydra": HydraDrafter, "falcon": FalconDrafter}
+DRAFTERS = {"medusa": MedusaDrafter, "hydra": HydraDrafter, "falcon": FalconDrafter,
+            "hidden-transfer": HiddenTransferDrafter}
 
 
 CPU_PATHS = "chain:2"  # medusa/hydra default on a CPU (see below); a GPU gets the 16-node tree of _TREE
@@ -68,4 +71,10 @@ METHODS = (
         "and token embeddings) that emits several tokens per step, grown into a tree by confidence",
         "Falcon (Gao et al. 2024, coupled sequential glancing distillation); EAGLE-style feature drafting",
         _make("falcon", {"max_nodes": 16, "max_depth": 6, "top_k": 3})),
+    MethodSpec(
+        "hidden-transfer", LOSSLESS, "trained linear transfer layers map an intermediate hidden state of the last "
+        "position into pseudo hidden states of the next positions, which the target's upper layers finish "
+        "(one extra call over the upper layers per step); their top tokens form a tree",
+        "Parallel Decoding via Hidden Transfer for Lossless LLM Acceleration (Wu et al. 2024)",
+        _make("hidden-transfer", dict(_TREE))),
 )

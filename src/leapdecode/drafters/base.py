@@ -33,7 +33,8 @@ class DraftFeedback:
     # (1, N+1, V): row 0 after the root, row i+1 after node i (on the target's device under greedy)
     target_logits: torch.Tensor | None = None
     # (1, N+1, H) the target's final (post-norm) hidden states, same rows as target_logits; only for drafters
-    # that set `needs_target_hidden = True` (feature drafters: medusa, hydra, falcon), else None
+    # that set `needs_target_hidden = True` (feature drafters: medusa, hydra, falcon), else None; the input of
+    # decoder layer `Drafter.target_hidden_layer` instead when the drafter names one (hidden transfer)
     target_hidden: torch.Tensor | None = None
 
 
@@ -44,6 +45,9 @@ class Drafter:
     them directly:
     - `needs_target_hidden`: the drafter reads the target's final hidden states (`DraftFeedback.target_hidden`;
       feature drafters: medusa, hydra, falcon), so the step asks the target pass for them;
+    - `target_hidden_layer`: which of the model's hidden states `target_hidden` then carries, as an index into
+      transformers' `hidden_states`: -1 (default) the final, post-norm states; i >= 1 the input of decoder
+      layer i, i.e. the output of the first i layers (hidden transfer reads an intermediate layer);
     - `forward_passes`: forward passes of a draft network so far in this request (0 for model-free drafters;
       an attribute or a property);
     - `cuttable`: the engine's draft cut may verify only a prefix of this drafter's trees (false for SpecTr,
@@ -54,6 +58,7 @@ class Drafter:
     """
 
     needs_target_hidden: bool = False
+    target_hidden_layer: int = -1
     forward_passes: int = 0
     cuttable: bool = True
     acceptance = None

@@ -30,7 +30,7 @@ FORMAT_VERSION = 1
 class DrafterConfig:
     """What a saved drafter is and which target it belongs to."""
 
-    kind: str  # medusa | hydra | falcon
+    kind: str  # medusa | hydra | falcon | hidden-transfer
     hidden_size: int
     vocab_size: int
     target_fingerprint: str
@@ -66,8 +66,11 @@ def make_module(config: DrafterConfig) -> torch.nn.Module:
         from .hydra import HydraHeads as cls
     elif config.kind == "falcon":
         from .falcon import FalconDrafterNet as cls
+    elif config.kind == "hidden-transfer":
+        from .hidden_transfer import HiddenTransferNet as cls
     else:
-        raise InvalidSettingError(f"unknown drafter kind {config.kind!r}; valid kinds: falcon, hydra, medusa")
+        raise InvalidSettingError(f"unknown drafter kind {config.kind!r}; valid kinds: falcon, hidden-transfer, "
+                                  "hydra, medusa")
     return cls(config.hidden_size, **config.settings)
 
 

@@ -49,7 +49,7 @@ def forward(lm, ids: torch.Tensor, logits_to_keep: int = 0, hidden_only: int = 0
             if rows:
                 logits.append(out.logits[:, -rows:])
                 if lm.keep_hidden:
-                    hidden.append(out.hidden_states[-1][:, -rows:])
+                    hidden.append(out.hidden_states[lm.hidden_layer][:, -rows:])
     finally:
         cache.continue_at(None)
     lm.forward_passes += 1
@@ -109,7 +109,7 @@ def score_tree(lm, ids: torch.Tensor, ancestors: torch.Tensor, depths: torch.Ten
                 got_logits.append(out.logits[:, -wanted:])
                 got_index.append(query[-wanted:])
                 if lm.keep_hidden:
-                    got_hidden.append(out.hidden_states[-1][:, -wanted:])
+                    got_hidden.append(out.hidden_states[lm.hidden_layer][:, -wanted:])
             fed.append(query)
     finally:
         cache.continue_at(None)

@@ -6,6 +6,7 @@ Losses (the target's LM head and embeddings stay frozen and are shared, never co
   schedule). `objective="ce"` uses the target's tokens, `objective="distill"` (Hydra++'s teacher
   distillation) the target's full distribution softmax(lm_head(f_{i+k})).
 - falcon: see `leapdecode.drafters.falcon` (`falcon_loss_fn`).
+- hidden-transfer: see `leapdecode.drafters.hidden_transfer` (`hidden_transfer_loss_fn`).
 """
 from __future__ import annotations
 
@@ -175,9 +176,11 @@ def train(net, target, data: FeatureData, settings: TrainSettings, out: str | Pa
 
 
 def net_signature(net: torch.nn.Module) -> str:
-    """The drafter's class and parameter shapes: a checkpoint only resumes the same network."""
+    """The drafter's class and parameter shapes (and its `extra_signature`, settings the shapes do not show):
+    a checkpoint only resumes the same network."""
     shapes = [f"{name}:{tuple(t.shape)}" for name, t in net.state_dict().items()]
-    return type(net).__name__ + "|" + ";".join(shapes)
+    extra = getattr(net, "extra_signature", "")
+    return type(net).__name__ + "|" + ";".join(shapes) + (f"|{extra}" if extra else "")
 
 
 def _mean_cols(rows: list[list[float]]) -> list[float]:
