@@ -199,6 +199,9 @@ def test_method_is_listed_lossless():
 
     spec = get_method("hidden-transfer")
     assert spec.promise == "lossless" and spec.target_patch is None
+    with pytest.raises(InvalidSettingError):  # the judge reads final hidden states, this drafter's pass layer L's
+        get_method("hidden-transfer+judge")
+    assert get_method("hidden-transfer+typical").promise == "lossy"
 
 
 def test_train_drafter_command(tmp_path, monkeypatch):

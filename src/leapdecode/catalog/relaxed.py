@@ -66,10 +66,15 @@ def relaxed(base: MethodSpec, rule: str) -> MethodSpec:
                       paper, make, needs_draft_model=base.needs_draft_model, target_patch=base.target_patch)
 
 
+# The judge reads the pass's final hidden states; these bases' passes keep an intermediate layer's instead
+# (`Drafter.target_hidden_layer`), so BASE+judge is not offered for them.
+INTERMEDIATE_HIDDEN = {"hidden-transfer"}
+
+
 def derive(bases) -> tuple[MethodSpec, ...]:
     """`BASE+RULE` for every lossless base with a drafter (all but `ar`) and every rule."""
     return tuple(relaxed(base, rule) for base in bases if base.promise == LOSSLESS and base.name != "ar"
-                 for rule in RULES)
+                 for rule in RULES if not (rule == "judge" and base.name in INTERMEDIATE_HIDDEN))
 
 
 METHODS = derive(core.METHODS + trees.METHODS + trained.METHODS + layer_skip.METHODS)
