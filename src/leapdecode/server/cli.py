@@ -70,6 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise LeapdecodeError("--max-tokens-limit must be >= 1")
     device = resolve_device(args.device)
+    if args.replicas != 1 or args.ray_address:
+        return _serve_replicas(args, methods, default, device)
     target = load(args.model, device=device, weights=args.weights)
     draft = load(args.draft_model, device=device, weights=args.weights) if args.draft_model else None
     engine = BatchEngine(target, methods, draft=draft,
@@ -82,6 +84,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _serve_replicas(args: argparse.Namespace, methods: dict, default: str, device: str) -> int:
+    """`--replicas N` / `--ray-address`: the same app in N Ray Serve replicas (server/replicas.py)."""
+    from .app import ServerConfig
+    from .replicas import Replicas, ReplicaSpec, serve_forever
+
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.replicas))
+    config = ServerConfig(model_name=args.served_model_name or args.model, default_method=default,
+                          max_tokens_limit=args.max_tokens_limit, api_key=args.api_key or None)
+    spec = ReplicaSpec(model=args.model, server=config, methods=methods, weights=args.weights, device=device,
+                       draft_model=args.draft_model, max_batch_size=args.max_batch_size,
+                       step_draft_budget=args.step_draft_budget, fit_width=not args.fixed_draft_width,
+                       threads=threads)
+    return serve_forever(Replicas(spec, args.replicas, args.host, args.port, address=args.ray_address))
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -119,6 +136,10 @@ def add_parser(subparsers) -> None:
     s.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     s.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice; 1 is often faster on a busy CPU)")
+    s.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="N replicas behind Ray Serve, each with its own engine (needs the `ray` extra)")
+    s.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --replicas: join this Ray cluster (default: start a local Ray instance)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 
