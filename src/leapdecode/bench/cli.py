@@ -71,6 +71,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
                    help="run each method that takes KEY (e.g. pld+typical with epsilon) once per value and draw "
                    "speed and quality against it (sweep.json, sweep_KEY.png)")
+    p.add_argument("--ray", action="store_true",
+                   help="fan the questions out as Ray tasks over a cluster (each runs the methods interleaved on "
+                   "its node; speedups are ratios within a node); writes ray_report.md (needs the `ray` extra)")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --ray: the cluster to join (default: the one in $RAY_ADDRESS, else a local one)")
+    p.add_argument("--ray-tasks", type=int, default=None, metavar="N",
+                   help="with --ray: tasks to split the questions into (default: one per node)")
     p.set_defaults(func=run_bench)
     return p
 
@@ -166,6 +173,8 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"note: no method in {','.join(methods)} uses a draft model; {args.draft_model} is not loaded",
               file=sys.stderr)
 
+    if getattr(args, "ray", False):
+        return _run_bench_ray(args, questions, methods, settings, method_options, out, use_draft)
     if args.threads is not None:
         import torch
 
@@ -220,3 +229,28 @@ def run_bench(args: argparse.Namespace) -> int:
     if result.mismatches and args.strict:
         return 1
     return 0
+
+
+def _run_bench_ray(args, questions, methods, settings, method_options, out, use_draft) -> int:
+    """`--ray`: the questions as Ray tasks (bench/distributed.py), merged into one report."""
+    from leapdecode.bench.distributed import ModelSpec, format_report, merge, run_on_ray, write_merged
+    from leapdecode.loading import resolve_device
+
+    if args.ray_tasks is not None and args.ray_tasks < 1:
+        raise InvalidSettingError("--ray-tasks must be >= 1")
+    spec = ModelSpec(args.model, args.draft_model if use_draft else None, resolve_device(args.device), args.weights)
+    threads = args.threads or 1
+    print(f"bench --ray: {len(questions)} questions x {len(methods)} methods, {threads} torch thread(s) per task",
+          file=sys.stderr)
+    runs = run_on_ray(spec, questions, methods, settings, method_options, threads, args.ray_tasks, args.address)
+    records, summary = merge(runs, methods, settings)
+    line = command_line(args, methods) + " --ray" + (f" --address {args.address}" if args.address else "")
+    files = write_merged(out, runs, records, summary, line)
+    print(format_report(summary, line))
+    print(f"wrote {', '.join(p.name for p in files)} to {out}", file=sys.stderr)
+    differs = {m: v["questions"] - v["identical_to_reference"] for m, v in summary["methods"].items()
+               if v["lossless"] and settings.greedy and v["questions"] - v["identical_to_reference"]}
+    for method, count in differs.items():
+        print(f"WARNING: lossless method {method} differs from {summary['reference_method']} on {count} "
+              "question(s)", file=sys.stderr)
+    return 1 if differs and args.strict else 0
