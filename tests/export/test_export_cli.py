@@ -81,3 +81,26 @@ def test_hydra_is_refused_at_training_and_export(model_dir, tmp_path, capsys):
     assert main(["train-drafter", "--model", str(model_dir), "--kind", "hydra", "--exportable",
                  "--out", str(tmp_path / "h"), *COMMON]) == 2
     assert "hydra's sequential heads" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_medusa_trained_on_the_default_model_round_trips(tmp_path, monkeypatch, capsys):
+    """The issue's check on real weights: train-drafter --exportable on the default model (a few answers),
+    export to vLLM's layout, and the engine re-implementation gives the trained heads' logits."""
+    from leapdecode import load
+    from leapdecode.presets import DEFAULT_MODEL
+
+    monkeypatch.setenv("LEAPDECODE_CACHE", str(tmp_path / "cache"))  # the default-drafter pointer stays here
+    run, out = tmp_path / "medusa", tmp_path / "medusa-vllm"
+    assert main(["train-drafter", "--model", DEFAULT_MODEL, "--kind", "medusa", "--exportable", "--self-distill",
+                 "4", "--max-new-tokens", "24", "--epochs", "1", "--no-progress", "--out", str(run)]) == 0
+    assert main(["export", "--format", "vllm-medusa", "--drafter", str(run), "--out", str(out), "--full-vocab"]) == 0
+    assert "vllm serve HuggingFaceTB/SmolLM2-135M-Instruct --speculative-config" in capsys.readouterr().out
+    target = load(DEFAULT_MODEL, weights="fp32")
+    _, net = load_drafter(run, target.model, kind="medusa")
+    feature = final_hidden(target, target.tokenizer("The quick brown fox jumps over")["input_ids"])
+    engine = load_engine(out, "vllm-medusa")
+    head = target.model.get_output_embeddings()
+    with torch.no_grad():
+        for k, theirs in enumerate(engine(feature), start=1):
+            torch.testing.assert_close(theirs, head(net.head_state(k, feature)), atol=1e-5, rtol=0)

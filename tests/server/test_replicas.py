@@ -68,16 +68,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def default_model_spec() -> ReplicaSpec:
+    """The default preset on its exact int4 runtime (row-invariant passes: batches of 4 change no token)."""
+    from leapdecode.presets import DEFAULT_MODEL, get_preset, is_installed
+
+    if not is_installed(get_preset(DEFAULT_MODEL)):
+        pytest.skip(f"{DEFAULT_MODEL} is not installed")
+    config = ServerConfig(model_name="tiny", default_method="pld", max_tokens_limit=32, api_key=KEY)
+    return ReplicaSpec(model=DEFAULT_MODEL, server=config, methods={"pld": {}, "ar": {}}, max_batch_size=4,
+                       threads=1)
+
+
 @pytest.mark.slow
-def test_two_replicas_on_a_local_ray_instance(model_dir):
+@pytest.mark.parametrize("which", ["tiny", "default-model"])
+def test_two_replicas_on_a_local_ray_instance(model_dir, which):
     pytest.importorskip("ray.serve")
     from leapdecode.server.replicas import Replicas
 
-    with BackgroundServer(build_app(spec_for(model_dir), "single")) as single:
+    spec = spec_for(model_dir) if which == "tiny" else default_model_spec()
+    with BackgroundServer(build_app(spec, "single")) as single:
         expected = [ask(client_for(single.url), p)[0] for p in PROMPTS]
         bad = httpx.post(single.url + "/v1/completions", json={"model": "tiny", "prompt": "w1", "max_tokens": 0},
                          headers={"Authorization": f"Bearer {KEY}"})
-    replicas = Replicas(spec_for(model_dir), 2, port=_free_port(), num_cpus=2).start()
+    replicas = Replicas(spec, 2, port=_free_port(), num_cpus=2).start()
     try:
         client = client_for(replicas.url)
         with ThreadPoolExecutor(4) as pool:
