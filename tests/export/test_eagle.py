@@ -103,3 +103,22 @@ def test_falcon_with_eagle_layer_still_decodes_exactly(tmp_path):
     prompt = [5, 9, 14, 21, 5, 9]
     out = Decoder(target, "falcon", drafter=str(folder), max_nodes=8, top_k=3).generate(prompt, max_new_tokens=24)
     assert out.token_ids == Decoder(target, "ar").generate(prompt, max_new_tokens=24).token_ids
+
+
+def test_falcon_with_eagle_layer_trains(tmp_path):
+    """The EAGLE-layer falcon learns from the same loss as falcon's own layer."""
+    from leapdecode.drafters.checkpoint import target_fingerprint
+    from leapdecode.drafters.falcon import falcon_loss_fn
+    from leapdecode.training.data import build_data
+    from leapdecode.training.trainer import TrainSettings, train
+
+    target = tiny_loaded("llama", scale=3.0)
+    rows = [{"messages": [{"role": "user", "content": " ".join(f"w{(i * 7 + j) % 64}" for j in range(5))}],
+             "response": None} for i in range(8)]
+    data = build_data(target, rows, tmp_path, target_fingerprint(target.model), max_new_tokens=24, batch_size=4,
+                      progress=False)
+    _, net = saved_drafter(target, tmp_path / "d", "falcon", eagle_settings(), noise=0.0)
+    net.train()
+    report = train(net, target, data, TrainSettings(epochs=25, lr=3e-3, batch_size=32, progress=False),
+                   tmp_path / "run", loss_fn=falcon_loss_fn(net, target, data, "ce"))
+    assert report.last_loss < 0.7 * report.first_loss, report

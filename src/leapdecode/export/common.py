@@ -28,11 +28,19 @@ def lm_head_weight(target_model: torch.nn.Module) -> torch.Tensor:
     head = target_model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ExportRefused("the target's LM head has a bias; the engines' LM heads have none")
-    return head.weight.detach().float().cpu()
+    return _float_weight(head)
 
 
 def embedding_weight(target_model: torch.nn.Module) -> torch.Tensor:
-    return target_model.get_input_embeddings().weight.detach().float().cpu()
+    return _float_weight(target_model.get_input_embeddings())
+
+
+def _float_weight(module: torch.nn.Module) -> torch.Tensor:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise ExportRefused("the export copies the target's float LM head and embeddings: load the target with "
+                            "weights='fp32'")
+    return weight.detach().float().cpu()
 
 
 def target_text_config(target_model: torch.nn.Module):
