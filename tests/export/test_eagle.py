@@ -122,3 +122,13 @@ def test_falcon_with_eagle_layer_trains(tmp_path):
     report = train(net, target, data, TrainSettings(epochs=25, lr=3e-3, batch_size=32, progress=False),
                    tmp_path / "run", loss_fn=falcon_loss_fn(net, target, data, "ce"))
     assert report.last_loss < 0.7 * report.first_loss, report
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_chain_sets_the_draft_length_and_a_tree_is_refused(fmt, tmp_path):
+    target = tiny_loaded("llama")
+    folder, _ = saved_drafter(target, tmp_path / "d", "falcon", eagle_settings())
+    result = export_drafter(fmt, folder, tmp_path / "out", target.model, "t", paths="chain:5")
+    assert ('"num_speculative_tokens": 5' if fmt == "vllm-eagle" else "--speculative-num-steps 5") in result.command
+    with pytest.raises(ExportRefused, match="is a tree; .* only a chain"):
+        export_drafter(fmt, folder, tmp_path / "out", target.model, "t", paths="0;1;0,0")

@@ -109,3 +109,14 @@ def test_drafter_of_another_target_is_refused(tmp_path):
     folder, _ = saved_drafter(tiny_loaded("llama"), tmp_path / "d", "medusa", {"num_heads": 2, "block": "linear"})
     with pytest.raises(InvalidSettingError, match="trained for"):
         export_drafter(FMT, folder, tmp_path / "out", tiny_loaded("llama", seed=1).model, "t")
+
+
+def test_paths_must_be_a_chain_of_one_token_per_head(tmp_path):
+    target = tiny_loaded("llama")
+    folder, _ = saved_drafter(target, tmp_path / "d", "medusa", {"num_heads": 3, "block": "linear"})
+    assert '"num_speculative_tokens": 3' in export_drafter(FMT, folder, tmp_path / "o", target.model, "t",
+                                                            paths="0;0,0;0,0,0").command
+    with pytest.raises(ExportRefused, match="is a tree"):
+        export_drafter(FMT, folder, tmp_path / "o", target.model, "t", paths="0;1;2;0,0")
+    with pytest.raises(ExportRefused, match="one token per head: the chain must be 3 long, not 2"):
+        export_drafter(FMT, folder, tmp_path / "o", target.model, "t", paths="chain:2")

@@ -59,15 +59,39 @@ def convert(fmt: str, drafter_dir: str | Path, target_model: torch.nn.Module,
     return exported
 
 
+def chain_length(paths: str, fmt: str, exported: Exported) -> int:
+    """The draft length a path list asks for; refused unless it is a chain (and, for vLLM's Medusa, one token
+    per head): the engines' command lines take a number of draft tokens, not a tree of paths."""
+    from ..drafters.medusa import parse_paths
+
+    try:
+        parsed = parse_paths(paths)
+    except ValueError as err:
+        raise ExportRefused(str(err)) from None
+    depth = max(len(p) for p in parsed)
+    if parsed != [(0,) * d for d in range(1, depth + 1)]:
+        raise ExportRefused(f"the path list {paths!r} is a tree; vLLM drafts a chain (num_speculative_tokens) and "
+                            "SGLang grows its own top-k tree, so only a chain (e.g. chain:3) can be exported")
+    heads = exported.config.get("num_heads")
+    if fmt == "vllm-medusa" and depth != heads:
+        raise ExportRefused(f"vLLM's Medusa proposer drafts one token per head: the chain must be {heads} long, "
+                            f"not {depth}")
+    return depth
+
+
 def export_drafter(fmt: str, drafter_dir: str | Path, out: str | Path, target_model: torch.nn.Module,
-                   serve_model: str, full_vocab: bool = False, dtype: str = "fp32") -> ExportResult:
+                   serve_model: str, full_vocab: bool = False, dtype: str = "fp32",
+                   paths: str | None = None) -> ExportResult:
     """Write `config.json` + `model.safetensors` for `fmt` into `out`, check them against the manifest and
-    return the command line that serves the target with them."""
+    return the command line that serves the target with them (`paths`: a chain such as "chain:3" sets the
+    draft length in that command; a tree is refused). `target_model` has float weights (weights="fp32")."""
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
         raise ExportRefused(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
     exported = convert(fmt, drafter_dir, target_model, full_vocab)
+    if paths is not None:
+        exported.speculative_tokens = chain_length(paths, fmt, exported)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(exported.config, torch_dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype])

@@ -20,6 +20,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--full-vocab", action="store_true",
                    help="export a drafter saved with a draft vocabulary, drafting from the full vocabulary")
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.add_argument("--paths", default=None, metavar="SPEC",
+                   help="draft length for the printed command as a chain (chain:3, or 0;0,0;0,0,0); a tree of "
+                   "paths is refused (default: the number of heads for Medusa, 3 for EAGLE)")
     p.set_defaults(func=cmd_export)
 
 
@@ -33,7 +36,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = args.model or config.target_name or DEFAULT_MODEL
     target = load(model, device="cpu", weights="fp32")  # the float LM head and embeddings, as trained on
     serve = args.serve_model or SERVE_IDS.get(model, model)
-    result = export_drafter(args.format, args.drafter, args.out, target.model, serve, args.full_vocab, args.dtype)
+    result = export_drafter(args.format, args.drafter, args.out, target.model, serve, args.full_vocab, args.dtype,
+                            args.paths)
     print(f"wrote {result.folder}/config.json and model.safetensors ({result.format}); they match the manifest")
     for note in result.notes:
         print(f"note: {note}")
