@@ -31,13 +31,17 @@ KINDS = ENGINE_KINDS + ("hf-quanto",)  # hf-quanto: perplexity only
 
 # option names, as Decoder keywords / method options (kv_cache=..., kv_bits=...)
 OPTIONS = {"kv_cache": "kind", "kv_bits": "bits", "kv_rank": "rank", "kv_outliers": "outliers",
-           "kv_window": "window", "kv_block": "block", "kv_group": "group"}
+           "kv_window": "window", "kv_block": "block", "kv_group": "group", "kv_scale_bits": "scale_bits",
+           "kv_window_dtype": "window_dtype"}
+WINDOW_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "model": None}
 
 
 @dataclass(frozen=True)
 class KVSettings:
     """What KV cache a model runs on. `window`: tokens always seen exactly (at least the longest draft);
-    `block`: tokens compressed together; `group`: value channels per quantization group."""
+    `block`: tokens compressed together; `group`: value channels per quantization group; `scale_bits`: 8 (scale
+    and zero point as one byte each, relative to float16 figures per head and block) or 16 (float16);
+    `window_dtype`: how a float32 model's window is stored (float16, bfloat16, or model: float32)."""
 
     kind: str = "none"
     bits: int = 4
@@ -46,6 +50,8 @@ class KVSettings:
     window: int = 64
     block: int = 64
     group: int = 64
+    scale_bits: int = 8
+    window_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -60,6 +66,11 @@ class KVSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidSettingError(f"kv_{name} must be a positive integer, got {value!r}")
+        if self.scale_bits not in (8, 16):
+            raise InvalidSettingError(f"kv_scale_bits must be 8 or 16, got {self.scale_bits!r}")
+        if self.window_dtype not in WINDOW_DTYPES:
+            raise InvalidSettingError(f"kv_window_dtype must be one of {', '.join(WINDOW_DTYPES)}, "
+                                      f"got {self.window_dtype!r}")
         if self.block % (8 // self.bits):
             raise InvalidSettingError(f"kv_block must be a multiple of {8 // self.bits} at {self.bits} bits")
 
@@ -114,7 +125,7 @@ def make_cache(settings: KVSettings | None = None, config=None):
             raise InvalidSettingError(f"kv_cache=hf-quanto needs optimum-quanto (pip install optimum-quanto): "
                                       f"{err}") from None
     return CompressedCache(settings.kind, settings.bits, settings.rank, settings.outliers, settings.window,
-                           settings.block, settings.group)
+                           settings.block, settings.group, settings.scale_bits, WINDOW_DTYPES[settings.window_dtype])
 
 
 def make_cache_factory(settings: KVSettings | None, model=None):

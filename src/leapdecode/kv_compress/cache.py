@@ -41,10 +41,12 @@ class _View:
 class CompressedLayer(DynamicLayer):
     is_croppable = False  # transformers' own crop(): use `crop_to` / `keep`, which check the window
 
-    def __init__(self, key_codec: BlockCodec, value_codec: BlockCodec, window: int, block: int, view: _View):
+    def __init__(self, key_codec: BlockCodec, value_codec: BlockCodec, window: int, block: int, view: _View,
+                 window_dtype: torch.dtype | None = torch.float16):
         super().__init__()
         self.key_codec, self.value_codec = key_codec, value_codec
         self.window, self.block, self._view = window, block, view
+        self.window_dtype = window_dtype  # how a float32 model's recent tokens are stored (None: as computed)
         self.key_blocks: Blocks | None = None
         self.value_blocks: Blocks | None = None
         self.exact_start = 0  # E: the absolute position of keys[..., 0, :]
@@ -76,9 +78,18 @@ class CompressedLayer(DynamicLayer):
     # ----- update --------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        self.keys = key_states[..., :0, :]
-        self.values = value_states[..., :0, :]
+        self.keys = self._stored(key_states[..., :0, :])
+        self.values = self._stored(value_states[..., :0, :])
         self.is_initialized = True
+
+    def _stored(self, x: torch.Tensor) -> torch.Tensor:
+        """The window's copy of new keys or values: a float32 model's in `window_dtype` (float16 saturates at
+        its largest finite value), others as they are."""
+        if self.window_dtype is None or x.dtype != torch.float32:
+            return x
+        if self.window_dtype == torch.float16:
+            x = x.clamp(-65504.0, 65504.0)
+        return x.to(self.window_dtype)
 
     def _compress_to(self, length: int) -> None:
         while self.compressed_length < length:
@@ -111,17 +122,29 @@ class CompressedLayer(DynamicLayer):
         if view < self.exact_start:
             raise KVRollbackError(f"compressed KV cache: a view of {view} compressed positions needs exact data "
                                   f"from position {view}, kept from {self.exact_start}")
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.keys = torch.cat([self.keys, self._stored(key_states)], dim=-2)
+        self.values = torch.cat([self.values, self._stored(value_states)], dim=-2)
         skip = view - self.exact_start
+        return (self._read(self.key_codec, self.key_blocks, self.keys[..., skip:, :], view, key_states.dtype),
+                self._read(self.value_codec, self.value_blocks, self.values[..., skip:, :], view,
+                           value_states.dtype))
+
+    def _read(self, codec: BlockCodec, blocks: Blocks | None, exact: torch.Tensor, view: int,
+              dtype: torch.dtype) -> torch.Tensor:
+        """What attention sees: the first `view` positions decompressed, then the exact part, in one new tensor
+        (the blocks are decompressed straight into it, no concatenation). No gradient flows through a cache."""
         if view == 0:
-            return self.keys[..., skip:, :], self.values[..., skip:, :]
-        t, d = self.block, key_states.shape[-1]
-        keys = self.key_codec.decompress(self.key_blocks, t, d, key_states.dtype, view // t)
-        values = self.value_codec.decompress(self.value_blocks, t, value_states.shape[-1], value_states.dtype,
-                                             view // t)
-        return (torch.cat([keys, self.keys[..., skip:, :]], dim=-2),
-                torch.cat([values, self.values[..., skip:, :]], dim=-2))
+            return exact.to(dtype)
+        with torch.no_grad():
+            return self._read_into(codec, blocks, exact, view, dtype)
+
+    def _read_into(self, codec: BlockCodec, blocks: Blocks, exact: torch.Tensor, view: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+        b, h, _, d = exact.shape
+        out = torch.empty(b, h, view + exact.shape[-2], d, dtype=dtype, device=exact.device)
+        codec.decompress(blocks, self.block, d, dtype, view // self.block, out=out[..., :view, :])
+        out[..., view:, :].copy_(exact)
+        return out
 
     # ----- rollback ------------------------------------------------------------------------------------------
     def _check(self, length: int, what: str) -> None:
@@ -174,7 +197,8 @@ class CompressedCache(Cache):
     quantization + low-rank error + exact outliers). Lossy: the model sees approximate old keys and values."""
 
     def __init__(self, kind: str, bits: int, rank: int = 0, outliers: float = 0.0, window: int = 64,
-                 block: int = 64, group: int = 64):
+                 block: int = 64, group: int = 64, scale_bits: int = 8,
+                 window_dtype: torch.dtype | None = torch.float16):
         if kind not in ("quant", "gear"):
             raise ValueError(f"kind must be quant or gear, got {kind!r}")
         if window < 1 or block < 1:
@@ -183,12 +207,13 @@ class CompressedCache(Cache):
             rank, outliers = 0, 0.0
         self.kind, self.bits, self.rank, self.outliers = kind, bits, rank, outliers
         self.window, self.block, self.group = window, block, group
+        self.scale_bits, self.window_dtype = scale_bits, window_dtype
         self._view = _View()
-        codecs = [BlockCodec(k, bits, group, rank, outliers) for k in ("key", "value")]
+        codecs = [BlockCodec(k, bits, group, rank, outliers, scale_bits) for k in ("key", "value")]
         view = self._view
 
         def layer() -> CompressedLayer:
-            return CompressedLayer(codecs[0], codecs[1], window, block, view)
+            return CompressedLayer(codecs[0], codecs[1], window, block, view, window_dtype)
 
         super().__init__(layer_class_to_replicate=layer)
 

@@ -1,41 +1,56 @@
 """Block codecs for keys and values: per-group asymmetric quantization, and GEAR (quantization + a low-rank
-approximation of the quantization error + the outliers kept exactly).
+approximation of the quantization error + the outliers kept in float16).
 
-A block is (batch, heads, T, head_dim). Keys are quantized per channel (each channel's T entries form a group,
-as KIVI does: keys have outlier channels), values per token (groups of `group` channels). Codes are packed
-into bytes (2, 4 or 8 bits); scales and zero points are stored in float16. Every stored tensor counts in
-`nbytes`: the figure the bench reports is the sum of real tensor sizes.
+A block is (batch, heads, T, head_dim). Keys are quantized per channel (each channel's entries over `group`
+consecutive tokens form a group, as KIVI does: keys have outlier channels), values per token (groups of
+`group` channels). Codes are stored in
+the block's (T, d) order, packed into bytes (two 4-bit or four 2-bit codes a byte), so decompression is one
+broadcast multiply-add per block with no transpose.
+
+Scale and zero point of each group: with `scale_bits` = 16 in float16 (4 bytes a group); with 8 (the default)
+as one byte each, relative to float16 figures kept per head and block (QLoRA's double quantization): the zero
+point z on a linear grid of 256 steps between the block's smallest and largest zero point, rounded down, and
+the step s on a logarithmic grid s_max * 2^(-c/16), rounded up, so the group's range is always covered and a
+step is at most 4.4% coarser than needed. Every stored tensor counts in `nbytes`: the figure the bench reports
+is the sum of real tensor sizes.
 
 GEAR (Kang et al., 2024) on a block X:
-  S = the entries whose removal shrinks their group's range the most (a fraction `outliers` of X), kept exactly;
+  S = the entries whose removal shrinks their group's range the most (a fraction `outliers` of X), kept in
+      float16 with a 16-bit index;
   D = dequant(quant(X without S)) with the range taken over the remaining entries;
-  R = X - D (zero where S is), approximated per head by its top-`rank` singular triplets L = A @ B;
-  X ~ D + L, with the S entries overwritten by their exact values.
+  R = X - D (zero where S is), approximated per head by its top-`rank` singular triplets L = A @ B (float16);
+  X ~ D + L, with the S entries overwritten by their stored values.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 Tensor = torch.Tensor
+
+_ZERO_STEPS = 255  # 8-bit zero points: codes 0..255 on [z_min, z_max]
+_SCALE_STEPS = 16  # 8-bit scales: s_max * 2^(-c/16), c in 0..255 (a range of 2^-16)
 
 
 @dataclass
 class Blocks:
     """Compressed blocks of one tensor kind (keys or values), stacked on dim 2: (batch, heads, n_blocks, ...)."""
 
-    codes: Tensor  # (b, h, n, T*d*bits/8) uint8
-    scale: Tensor  # (b, h, n, groups) float16
-    zero: Tensor  # (b, h, n, groups) float16
+    codes: Tensor  # (b, h, n, T*d*bits/8) uint8, in (T, d) order
+    scale: Tensor  # (b, h, n, groups): float16, or uint8 codes with `meta`
+    zero: Tensor  # (b, h, n, groups): float16, or uint8 codes with `meta`
+    meta: Tensor | None = None  # (b, h, n, 3) float16: s_max, z_min, z_step (8-bit scales only)
     lr_a: Tensor | None = None  # (b, h, n, T, rank) float16
     lr_b: Tensor | None = None  # (b, h, n, rank, d) float16
-    out_values: Tensor | None = None  # (b, h, n, k) in the cache's dtype (exact)
-    out_index: Tensor | None = None  # (b, h, n, k) int16/int32, flat index into the block's group view
+    out_values: Tensor | None = None  # (b, h, n, k) float16
+    out_index: Tensor | None = None  # (b, h, n, k) int16/int32, flat index into the block's (T, d) entries
+
+    def _fields(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self))
 
     def tensors(self) -> list[Tensor]:
-        return [t for t in (self.codes, self.scale, self.zero, self.lr_a, self.lr_b, self.out_values, self.out_index)
-                if t is not None]
+        return [t for t in self._fields() if t is not None]
 
     @property
     def nbytes(self) -> int:
@@ -51,61 +66,141 @@ class Blocks:
 
         return Blocks(*(join(a, b) for a, b in zip(self._fields(), other._fields())))
 
-    def _fields(self):
-        return (self.codes, self.scale, self.zero, self.lr_a, self.lr_b, self.out_values, self.out_index)
+    def nbytes_by_part(self) -> dict[str, int]:
+        """Bytes of codes, scales (scale, zero, meta), low-rank factors and outliers (value and index)."""
+        size = {f.name: (0 if t is None else t.numel() * t.element_size()) for f, t in zip(fields(self), self._fields())}
+        return {"codes": size["codes"], "scales": size["scale"] + size["zero"] + size["meta"],
+                "low_rank": size["lr_a"] + size["lr_b"], "outliers": size["out_values"] + size["out_index"]}
 
 
 class BlockCodec:
     """Compress (b, h, T, d) blocks into `Blocks` and back; `kind` is "key" (per-channel groups) or "value"
     (per-token groups of `group` channels). `rank` = 0 and `outliers` = 0 give plain quantization."""
 
-    def __init__(self, kind: str, bits: int, group: int = 64, rank: int = 0, outliers: float = 0.0):
+    def __init__(self, kind: str, bits: int, group: int = 64, rank: int = 0, outliers: float = 0.0,
+                 scale_bits: int = 8):
         if kind not in ("key", "value"):
             raise ValueError(kind)
         if bits not in (2, 4, 8):
             raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
+        if scale_bits not in (8, 16):
+            raise ValueError(f"scale_bits must be 8 or 16, got {scale_bits}")
         self.kind, self.bits, self.group, self.rank, self.outliers = kind, bits, group, rank, outliers
+        self.scale_bits = scale_bits
         self.levels = (1 << bits) - 1
 
-    # ----- layout: a block as groups (b, h, G, n), quantized over the last dim --------------------------------
+    # ----- layout -------------------------------------------------------------------------------------------------
     def _value_group(self, d: int) -> int:
         return self.group if d % self.group == 0 else d
 
-    def to_groups(self, x: Tensor) -> Tensor:
-        b, h, t, d = x.shape
+    def _key_group(self, t: int) -> int:
+        return self.group if t % self.group == 0 else t
+
+    def _shape(self, t: int, d: int) -> tuple[int, int, int]:
+        """A (T, d) block seen as (A, B, C) so that a group is a slice along one axis: keys (T/gk, gk, d), a
+        channel's gk tokens per group (reduced over B); values (T, d/g, g), a token's g channels (over C)."""
         if self.kind == "key":
-            return x.transpose(-1, -2)  # (b, h, d, T): each channel a group
+            gk = self._key_group(t)
+            return t // gk, gk, d
         g = self._value_group(d)
-        return x.reshape(b, h, t * d // g, g)
+        return t, d // g, g
 
-    def from_groups(self, y: Tensor, t: int, d: int) -> Tensor:
-        """Inverse of `to_groups`; `y` may carry an extra block dim: (b, h, n, G, m) -> (b, h, n, T, d)."""
+    def to_groups(self, x: Tensor) -> Tensor:
+        """(..., T, d) -> (..., G, m): each row a quantization group (a copy for keys)."""
+        t, d = x.shape[-2:]
+        a, b_, c = self._shape(t, d)
+        y = x.reshape(*x.shape[:-2], a, b_, c)
         if self.kind == "key":
-            return y.transpose(-1, -2)
-        return y.reshape(*y.shape[:-2], t, d)
+            y = y.transpose(-1, -2)  # (T/gk, d, gk): each channel's gk tokens a group
+            return y.reshape(*x.shape[:-2], a * c, b_)
+        return y.reshape(*x.shape[:-2], a * b_, c)
 
-    # ----- packing --------------------------------------------------------------------------------------------
+    def _broadcast(self, p: Tensor, t: int, d: int) -> Tensor:
+        """Per-group figures (..., G) -> a shape that broadcasts against the (..., A, B, C) view of a block."""
+        a, b_, c = self._shape(t, d)
+        if self.kind == "key":
+            return p.reshape(*p.shape[:-1], a, 1, c)
+        return p.reshape(*p.shape[:-1], a, b_, 1)
+
+    def _entries(self, x: Tensor, t: int, d: int) -> Tensor:
+        return x.reshape(*x.shape[:-2], *self._shape(t, d))
+
+    def _flat_index(self, group: Tensor, member: Tensor, t: int, d: int) -> Tensor:
+        """(group, member) in the `to_groups` layout -> flat index into the block's (T, d) entries."""
+        if self.kind == "key":
+            gk = self._key_group(t)
+            return (group // d * gk + member) * d + group % d
+        return group * self._value_group(d) + member
+
+    # ----- packing ------------------------------------------------------------------------------------------------
     def pack(self, q: Tensor) -> Tensor:
         """(..., m) uint8 codes < 2**bits -> (..., m * bits / 8) bytes."""
         per = 8 // self.bits
         if per == 1:
             return q
-        q = q.reshape(*q.shape[:-1], -1, per).to(torch.int32)
-        shifts = torch.arange(per, dtype=torch.int32, device=q.device) * self.bits
-        return (q << shifts).sum(-1).to(torch.uint8)
+        q = q.reshape(*q.shape[:-1], -1, per)
+        out = q[..., 0].clone()
+        for i in range(1, per):
+            out |= q[..., i] << (i * self.bits)
+        return out
 
     def unpack(self, packed: Tensor) -> Tensor:
         per = 8 // self.bits
         if per == 1:
             return packed
-        shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * self.bits
+        shifts = torch.arange(0, 8, self.bits, dtype=torch.uint8, device=packed.device)
         q = (packed.unsqueeze(-1) >> shifts) & self.levels
         return q.reshape(*packed.shape[:-1], -1)
 
-    # ----- compress ---------------------------------------------------------------------------------------------
-    def _outlier_index(self, y: Tensor) -> Tensor | None:
-        """Flat indices (b, h, k) into the group view of the entries kept exactly: per group, the largest and the
-        smallest entry are candidates, scored by how much removing them shrinks the group's squared range."""
+    # ----- scales -------------------------------------------------------------------------------------------------
+    def _scales(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+        """Group minima and maxima (b, h, G) -> (stored scale, stored zero, meta, step, zero point) with the
+        step and zero point (float32) exactly those decompression rebuilds."""
+        if self.scale_bits == 16:
+            zero16 = lo.half()
+            z = zero16.float()
+            scale16 = ((hi - z) / self.levels).clamp_min(1e-8).half()
+            s = scale16.float()
+            # float16 rounding may leave the top of the range a hair uncovered; the clamp keeps codes valid
+            return scale16, zero16, None, s, z
+        z_min16 = lo.amin(-1).half()
+        low = z_min16.float() > lo.amin(-1)
+        z_min16 = torch.where(low, torch.nextafter(z_min16, torch.full_like(z_min16, -torch.inf)), z_min16)
+        z_min = z_min16.float()
+        z_step16 = ((lo.amax(-1) - z_min) / _ZERO_STEPS).clamp_min(1e-6).half()
+        z_step16 = torch.where(z_step16.float() * _ZERO_STEPS < lo.amax(-1) - z_min,
+                               torch.nextafter(z_step16, torch.full_like(z_step16, torch.inf)), z_step16)
+        z_step = z_step16.float()
+        zc = torch.floor((lo - z_min.unsqueeze(-1)) / z_step.unsqueeze(-1)).clamp_(0, _ZERO_STEPS)
+        z = z_min.unsqueeze(-1) + zc * z_step.unsqueeze(-1)
+        need = ((hi - z) / self.levels).clamp_min(1e-8)
+        s_max16 = need.amax(-1).half()
+        s_max16 = torch.where(s_max16.float() < need.amax(-1),
+                              torch.nextafter(s_max16, torch.full_like(s_max16, torch.inf)), s_max16)
+        s_max = s_max16.float()
+        sc = torch.floor(-_SCALE_STEPS * torch.log2(need / s_max.unsqueeze(-1))).clamp_(0, 255)
+        s = self._scale_value(s_max.unsqueeze(-1), sc)
+        meta = torch.stack([s_max16, z_min16, z_step16], dim=-1)
+        return sc.to(torch.uint8), zc.to(torch.uint8), meta, s, z
+
+    @staticmethod
+    def _scale_value(s_max: Tensor, code: Tensor) -> Tensor:
+        return s_max * torch.exp2(code.float() * (-1.0 / _SCALE_STEPS))
+
+    def _step_and_zero(self, blocks: Blocks, n: int) -> tuple[Tensor, Tensor]:
+        """(b, h, n, G) float32 step and zero point of the first `n` blocks."""
+        if blocks.meta is None:
+            return blocks.scale[:, :, :n].float(), blocks.zero[:, :, :n].float()
+        meta = blocks.meta[:, :, :n].float()
+        s = self._scale_value(meta[..., 0:1], blocks.scale[:, :, :n])
+        z = torch.addcmul(meta[..., 1:2], blocks.zero[:, :, :n].float(), meta[..., 2:3])
+        return s, z
+
+    # ----- compress -----------------------------------------------------------------------------------------------
+    def _outlier_index(self, y: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(group, member) indices (b, h, k) in the `to_groups` layout of the entries kept apart: per group, the
+        largest and the smallest entry are candidates, scored by how much removing them shrinks the group's
+        squared range."""
         b, h, groups, m = y.shape
         k = min(round(self.outliers * groups * m), 2 * groups)
         if k <= 0 or m < 3:
@@ -115,67 +210,74 @@ class BlockCodec:
         hi, hi2, lo, lo2 = top.values[..., 0], top.values[..., 1], -bottom.values[..., 0], -bottom.values[..., 1]
         span = (hi - lo) ** 2
         gains = torch.cat([span - (hi2 - lo) ** 2, span - (hi - lo2) ** 2], dim=-1)  # (b, h, 2G)
-        base = torch.arange(groups, device=y.device) * m
-        flat = torch.cat([base + top.indices[..., 0], base + bottom.indices[..., 0]], dim=-1)
+        member = torch.cat([top.indices[..., 0], bottom.indices[..., 0]], dim=-1)
+        group = torch.arange(groups, device=y.device).repeat(2).expand_as(member)
         chosen = gains.topk(k, dim=-1).indices
-        return flat.gather(-1, chosen).sort(dim=-1).values
+        return group.gather(-1, chosen), member.gather(-1, chosen)
 
     def compress(self, x: Tensor) -> Blocks:
         """One block (b, h, T, d) -> Blocks with n = 1."""
         b, h, t, d = x.shape
         xf = x.float()
-        y = self.to_groups(xf)
+        y = self.to_groups(xf)  # (b, h, G, m)
         groups, m = y.shape[-2], y.shape[-1]
-        index = self._outlier_index(y) if self.outliers > 0 else None
-        if index is not None:
-            mask = torch.zeros(b, h, groups * m, dtype=torch.bool, device=x.device)
-            mask.scatter_(-1, index, True)
-            mask = mask.view(b, h, groups, m)
+        picked = self._outlier_index(y) if self.outliers > 0 else None
+        if picked is not None:
+            mask = torch.zeros(b, h, groups, m, dtype=torch.bool, device=x.device)
+            mask[torch.arange(b)[:, None, None], torch.arange(h)[None, :, None], picked[0], picked[1]] = True
             lo = torch.where(mask, torch.inf, y).amin(-1)
             hi = torch.where(mask, -torch.inf, y).amax(-1)
+            index = self._flat_index(*picked, t, d).sort(dim=-1).values
         else:
-            mask = None
             lo, hi = y.amin(-1), y.amax(-1)
-        scale = ((hi - lo) / self.levels).clamp_min(1e-8).half()
-        zero = lo.half()
-        s, z = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
-        q = torch.round((y - z) / s).clamp_(0, self.levels).to(torch.uint8)
-        codes = self.pack(q.reshape(b, h, groups * m))
-        blocks = Blocks(codes.unsqueeze(2), scale.unsqueeze(2), zero.unsqueeze(2))
+            index = None
+        scale, zero, meta, s, z = self._scales(lo, hi)
+        s_b, z_b = self._broadcast(s, t, d), self._broadcast(z, t, d)
+        q = torch.round((self._entries(xf, t, d) - z_b) / s_b).clamp_(0, self.levels)
+        deq = (q * s_b + z_b).reshape(b, h, t, d)
+        codes = self.pack(q.to(torch.uint8).reshape(b, h, t * d))
+        blocks = Blocks(codes.unsqueeze(2), scale.unsqueeze(2), zero.unsqueeze(2),
+                        None if meta is None else meta.unsqueeze(2))
         if index is not None:
-            values = self.to_groups(x).reshape(b, h, groups * m).gather(-1, index)
+            values = xf.reshape(b, h, t * d).gather(-1, index).half()
             blocks.out_values = values.unsqueeze(2)
-            blocks.out_index = index.to(torch.int16 if groups * m <= 32767 else torch.int32).unsqueeze(2)
+            blocks.out_index = index.to(torch.int16 if t * d <= 32767 else torch.int32).unsqueeze(2)
         if self.rank > 0:
-            residual = y - (q.float() * s + z)
-            if mask is not None:
-                residual = residual.masked_fill(mask, 0.0)
-            residual = self.from_groups(residual, t, d)  # (b, h, T, d)
+            residual = xf - deq
+            if index is not None:
+                residual = residual.reshape(b, h, t * d).scatter(-1, index, 0.0).reshape(b, h, t, d)
             u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
             r = min(self.rank, sv.shape[-1])
             blocks.lr_a = (u[..., :r] * sv[..., None, :r]).half().unsqueeze(2)
             blocks.lr_b = vh[..., :r, :].half().unsqueeze(2)
         return blocks
 
-    # ----- decompress -------------------------------------------------------------------------------------------
-    def decompress(self, blocks: Blocks, t: int, d: int, dtype: torch.dtype, count: int | None = None) -> Tensor:
-        """The first `count` blocks (default all) -> (b, h, count*T, d) in `dtype`."""
+    # ----- decompress ---------------------------------------------------------------------------------------------
+    def decompress(self, blocks: Blocks, t: int, d: int, dtype: torch.dtype, count: int | None = None,
+                   out: Tensor | None = None) -> Tensor:
+        """The first `count` blocks (default all) -> (b, h, count*T, d) in `dtype`; written into `out` (a
+        float32 (b, h, count*T, d) tensor, possibly a slice of a larger one) when given."""
         n = blocks.count if count is None else count
-        codes = blocks.codes[:, :, :n]
-        b, h = codes.shape[:2]
-        q = self.unpack(codes).float()  # (b, h, n, G*m)
-        groups = blocks.scale.shape[-1]
-        y = q.view(b, h, n, groups, -1) * blocks.scale[:, :, :n].float().unsqueeze(-1) \
-            + blocks.zero[:, :, :n].float().unsqueeze(-1)
-        if blocks.lr_a is not None:  # the low-rank error term, brought to the group layout
-            low = blocks.lr_a[:, :, :n].float() @ blocks.lr_b[:, :, :n].float()  # (b, h, n, T, d)
-            y = y + (low.transpose(-1, -2) if self.kind == "key" else low.reshape(y.shape))
-        if blocks.out_index is not None:  # the outliers are exact: written over everything else
-            flat = y.reshape(b, h, n, -1)
-            flat.scatter_(-1, blocks.out_index[:, :, :n].long(), blocks.out_values[:, :, :n].float())
-            y = flat.view(b, h, n, groups, -1)
-        x = self.from_groups(y, t, d)  # (b, h, n, T, d)
-        return x.reshape(b, h, n * t, d).to(dtype)
+        b, h = blocks.codes.shape[:2]
+        q = self.unpack(blocks.codes[:, :, :n])  # (b, h, n, T*d) uint8
+        s, z = self._step_and_zero(blocks, n)
+        shape = (b, h, n, *self._shape(t, d))
+        target = None
+        if out is not None and dtype == torch.float32:
+            target = out.view(b, h, n, t, d).view(shape)
+        y = torch.addcmul(self._broadcast(z, t, d), q.view(shape), self._broadcast(s, t, d),
+                          out=target) if target is not None else \
+            torch.addcmul(self._broadcast(z, t, d), q.view(shape), self._broadcast(s, t, d))
+        y = y.view(b, h, n, t, d)
+        if blocks.lr_a is not None:  # the low-rank error term
+            y += blocks.lr_a[:, :, :n].float() @ blocks.lr_b[:, :, :n].float()
+        if blocks.out_index is not None:  # the outliers: written over everything else
+            y.view(b, h, n, t * d).scatter_(-1, blocks.out_index[:, :, :n].long(), blocks.out_values[:, :, :n].float())
+        y = y.view(b, h, n * t, d)
+        if out is not None and target is None:
+            out.copy_(y)
+            return out
+        return y if target is not None else y.to(dtype)
 
     def round_trip(self, x: Tensor) -> Tensor:
         b, h, t, d = x.shape
