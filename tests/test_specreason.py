@@ -166,3 +166,17 @@ def test_reuse_verifies_the_rejected_step_as_a_token_draft():
     out = Decoder(big, "specreason", draft=big, threshold=10, max_step_tokens=4).generate(PROMPT, max_new_tokens=20)
     assert out.token_ids == greedy.token_ids
     assert out.stats.steps_rejected == 4 and out.stats.accept_lengths == [5, 5, 5, 5]
+
+
+def test_runs_through_the_benchmark_runner(tmp_path):
+    from leapdecode.bench.questions import Question
+    from leapdecode.bench.runner import BenchSettings, run_benchmark
+
+    big, small = pair("llama")
+    questions = [Question(1, "math", ["w13 w17 w13 w17 w15"], reference="w13"), Question(2, "chat", ["w20 w21"])]
+    result = run_benchmark(big, small, questions, ["ar", "specreason@threshold=5@max_step_tokens=3"],
+                           BenchSettings(max_new_tokens=8, warmup_tokens=2), tmp_path / "out", progress=False,
+                           plots=False)
+    rows = [r for r in result.records if r.method.startswith("specreason")]
+    assert [r.question_id for r in rows] == [1, 2] and all(r.new_tokens == 8 for r in rows)
+    assert result.summary["methods"]["specreason@threshold=5@max_step_tokens=3"]["token_agreement"] is not None
