@@ -43,11 +43,15 @@ def hf_generate(method: str, target, prompt_ids: list[int], max_new_tokens: int,
         pad = stop[0] if stop else 0
     started = time.perf_counter()
     with torch.inference_mode():
-        if target.runtime.exact and method != "hf-assisted":  # the prompt goes in as our engine feeds it
-            # (alone, into an empty cache); assisted generation keeps its own prompt handling for both models
+        if target.runtime.exact and method == "hf-ar":  # the prompt goes in as our engine feeds it (alone,
+            # into an empty cache). Not for hf-pld and hf-assisted: transformers' assisted decoding feeds the whole
+            # prompt again in its first verification pass whatever the cache holds (the prompt would be cached
+            # twice), so those two keep transformers' own prompt handling: on the exact runtime their prompt's
+            # keys and values are then computed row by row instead of by the fused prompt kernel, and may differ
+            # from ours in the last bits.
             cache = kv_cache.new_cache()
             target.model(input_ids=ids[:, :-1], cache=cache, use_cache=True, logits_to_keep=1, **{PROMPT_PASS: True})
-            kwargs["past_key_values"] = cache
+            kwargs["cache"] = cache
         out = target.model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
             temperature=None, top_p=None, top_k=None, eos_token_id=stop, pad_token_id=pad, **kwargs,
