@@ -203,7 +203,7 @@ class Int8GroupLinear(_QuantLinear):
         return cls(codes.to(torch.int32) + 128, scales, -128 * scales, bias)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # float32: the two halves are added unrounded
-        return self.high._matmul(x).float() + self.low._matmul(x).float()
+        return torch.add(self.high._matmul(x).float(), self.low._matmul(x))  # (the add widens the low half)
 
     def _empty_buffers(self) -> None:
         half = {"in": self.in_features, "out": self.out_features, "bias": False}
