@@ -246,3 +246,48 @@ def test_bench_engine_runner_reports_kv_bytes():
     plain.run(prompt, 20)
     gear.run(prompt, 20)
     assert 0 < gear.kv_bytes < plain.kv_bytes
+
+
+@pytest.mark.parametrize("bits,rank,outliers,bound", [(4, 0, 0.005, 0.285), (4, 1, 0.005, 0.32), (2, 2, 0.02, 0.30)])
+def test_block_bytes_packed_codes_8_bit_scales(bits, rank, outliers, bound):
+    """Two 4-bit (four 2-bit) codes a byte, one byte per scale and zero point, float16 factors and outliers."""
+    x = _kv_like(5)
+    for kind in ("key", "value"):
+        codec = BlockCodec(kind, bits, group=16 if bits == 2 else 64, rank=rank, outliers=outliers)
+        blocks = codec.compress(x)
+        parts = blocks.nbytes_by_part()
+        assert parts["codes"] == x.numel() * bits // 8
+        groups = x.numel() // codec.group
+        assert parts["scales"] == 2 * groups + 2 * 3 * 2 * 3  # a byte each + three float16 per head and block
+        assert blocks.nbytes == sum(parts.values())
+        assert blocks.nbytes <= bound * x.numel() * 2, (kind, blocks.nbytes / (x.numel() * 2))
+
+
+def test_decompression_into_a_slice_and_block_by_block_is_the_same():
+    x = _kv_like(6, t=128)
+    for kind in ("key", "value"):
+        codec = BlockCodec(kind, 2, group=16, rank=2, outliers=0.02)
+        blocks = codec.compress(x[:, :, :64]).cat(codec.compress(x[:, :, 64:]))
+        whole = codec.decompress(blocks, 64, 64, torch.float32)
+        first = codec.decompress(blocks, 64, 64, torch.float32, count=1)
+        assert torch.equal(whole[:, :, :64], first)
+        out = torch.full((2, 3, 140, 64), 7.0)
+        codec.decompress(blocks, 64, 64, torch.float32, out=out[:, :, :128])
+        assert torch.equal(out[:, :, :128], whole) and bool((out[:, :, 128:] == 7.0).all())
+        half = codec.decompress(blocks, 64, 64, torch.bfloat16)
+        assert half.dtype == torch.bfloat16 and torch.equal(half, whole.to(torch.bfloat16))
+
+
+def test_float32_window_is_stored_in_float16_and_counted():
+    chunks = _chunks(0, [40])
+    cache = CompressedCache("gear", 4, rank=0, outliers=0.005, window=16, block=8)
+    keys, values = _feed(cache, chunks + _chunks(1, [1]))
+    layer = cache.layers[0]
+    assert layer.keys.dtype == torch.float16 and keys.dtype == torch.float32
+    exact = layer.get_seq_length() - layer.compressed_length
+    assert torch.equal(keys[..., -1:, :], _chunks(1, [1])[0][0].half().float())
+    blocks = layer.key_blocks.nbytes + layer.value_blocks.nbytes
+    assert cache.nbytes == blocks + 2 * exact * 2 * 16 * 2  # k and v, heads, head dim, float16
+    wide = CompressedCache("gear", 4, rank=0, outliers=0.005, window=16, block=8, window_dtype=None)
+    _feed(wide, chunks)
+    assert wide.layers[0].keys.dtype == torch.float32

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from leapdecode.errors import InvalidSettingError
-from leapdecode.kv_compress import KINDS, KVSettings, kv_bytes, make_cache_factory
+from leapdecode.kv_compress import KINDS, KVSettings, kv_bytes, make_cache_factory, options_of
 
 BUILTIN = "python-docs"
 
@@ -85,10 +85,7 @@ def agreement(target, ids: list[int], settings: KVSettings | None, reference: li
     """Generate `new_tokens` greedily (ar) after `ids` on the cache of `settings`; compare with `reference`."""
     from leapdecode import Decoder
 
-    options = {} if settings is None else {"kv_cache": settings.kind, "kv_bits": settings.bits,
-                                           "kv_rank": settings.rank, "kv_outliers": settings.outliers,
-                                           "kv_window": settings.window, "kv_block": settings.block}
-    out = Decoder(target, "ar", **options).generate(list(ids), max_new_tokens=new_tokens).token_ids
+    out = Decoder(target, "ar", **options_of(settings)).generate(list(ids), max_new_tokens=new_tokens).token_ids
     if reference is None:
         return out, None, None
     n = min(len(out), len(reference))
@@ -140,6 +137,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"gear: fraction of entries kept exactly (default {d.outliers})")
     p.add_argument("--kv-window", type=int, default=d.window, help=f"tokens always exact (default {d.window})")
     p.add_argument("--kv-block", type=int, default=d.block, help=f"tokens compressed together (default {d.block})")
+    p.add_argument("--kv-group", type=int, default=d.group, help=f"entries per quantization group (default {d.group})")
     p.add_argument("--agreement", type=int, default=0, metavar="N",
                    help="also generate N tokens greedily after the text and compare them with the uncompressed "
                    "cache's (default 0: no)")
@@ -183,7 +181,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from leapdecode import load
     from leapdecode.loading import resolve_device
 
-    base = KVSettings(rank=args.kv_rank, outliers=args.kv_outliers, window=args.kv_window, block=args.kv_block)
+    base = KVSettings(rank=args.kv_rank, outliers=args.kv_outliers, window=args.kv_window, block=args.kv_block,
+                      group=args.kv_group)
     runs = settings_list(args.kv_cache, args.kv_bits, base)
     if args.max_tokens < 2 or args.chunk < 1:
         raise InvalidSettingError("--max-tokens must be at least 2 and --chunk at least 1")

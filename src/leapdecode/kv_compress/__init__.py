@@ -172,22 +172,25 @@ def settings_from_args(args) -> KVSettings | None:
     if getattr(args, "kv_cache", "none") in (None, "none"):
         return None
     base = KVSettings(kind=args.kv_cache, bits=args.kv_bits)
-    changes = {k: getattr(args, f"kv_{k}") for k in ("rank", "outliers", "window", "block")
+    changes = {k: getattr(args, f"kv_{k}") for k in ("rank", "outliers", "window", "block", "group")
                if getattr(args, f"kv_{k}", None) is not None}
     return replace(base, **changes)
 
 
 def options_from_args(args) -> dict:
     """The --kv-* arguments as Decoder keywords (empty for --kv-cache none)."""
-    s = settings_from_args(args)
-    if s is None:
+    return options_of(settings_from_args(args))
+
+
+def options_of(settings: KVSettings | None) -> dict:
+    """Decoder keywords (kv_cache=..., kv_bits=...) that make the cache `settings` describes."""
+    if settings is None:
         return {}
-    return {"kv_cache": s.kind, "kv_bits": s.bits, "kv_rank": s.rank, "kv_outliers": s.outliers,
-            "kv_window": s.window, "kv_block": s.block}
+    return {key: getattr(settings, name) for key, name in OPTIONS.items()}
 
 
 def add_arguments(p, kinds=ENGINE_KINDS) -> None:
-    """--kv-cache, --kv-bits, --kv-rank, --kv-outliers, --kv-window, --kv-block."""
+    """--kv-cache, --kv-bits, --kv-rank, --kv-outliers, --kv-window, --kv-block, --kv-group."""
     d = KVSettings()
     p.add_argument("--kv-cache", default="none", choices=kinds,
                    help="KV-cache compression (lossy): quant = per-group quantization, gear = quantization + "
@@ -200,3 +203,5 @@ def add_arguments(p, kinds=ENGINE_KINDS) -> None:
     p.add_argument("--kv-window", type=int, default=None, help=f"recent tokens always exact, at least the longest "
                    f"draft (default {d.window})")
     p.add_argument("--kv-block", type=int, default=None, help=f"tokens compressed together (default {d.block})")
+    p.add_argument("--kv-group", type=int, default=None, help=f"entries per quantization group: a key channel's "
+                   f"consecutive tokens, a value token's channels (default {d.group})")

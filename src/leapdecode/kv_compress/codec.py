@@ -134,23 +134,24 @@ class BlockCodec:
 
     # ----- packing ------------------------------------------------------------------------------------------------
     def pack(self, q: Tensor) -> Tensor:
-        """(..., m) uint8 codes < 2**bits -> (..., m * bits / 8) bytes."""
+        """(..., m) uint8 codes < 2**bits -> (..., m * bits / 8) bytes, in planes: byte j holds codes j,
+        j + m/p, j + 2m/p, ... (p codes a byte, the first in the low bits), so unpacking is p contiguous
+        shift-and-mask passes."""
         per = 8 // self.bits
         if per == 1:
             return q
-        q = q.reshape(*q.shape[:-1], -1, per)
-        out = q[..., 0].clone()
+        planes = q.reshape(*q.shape[:-1], per, -1)
+        out = planes[..., 0, :].clone()
         for i in range(1, per):
-            out |= q[..., i] << (i * self.bits)
+            out |= planes[..., i, :] << (i * self.bits)
         return out
 
     def unpack(self, packed: Tensor) -> Tensor:
         per = 8 // self.bits
         if per == 1:
             return packed
-        shifts = torch.arange(0, 8, self.bits, dtype=torch.uint8, device=packed.device)
-        q = (packed.unsqueeze(-1) >> shifts) & self.levels
-        return q.reshape(*packed.shape[:-1], -1)
+        planes = [packed & self.levels] + [(packed >> (i * self.bits)) & self.levels for i in range(1, per)]
+        return torch.cat(planes, dim=-1)
 
     # ----- scales -------------------------------------------------------------------------------------------------
     def _scales(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
@@ -262,15 +263,17 @@ class BlockCodec:
         q = self.unpack(blocks.codes[:, :, :n])  # (b, h, n, T*d) uint8
         s, z = self._step_and_zero(blocks, n)
         shape = (b, h, n, *self._shape(t, d))
-        target = None
-        if out is not None and dtype == torch.float32:
-            target = out.view(b, h, n, t, d).view(shape)
-        y = torch.addcmul(self._broadcast(z, t, d), q.view(shape), self._broadcast(s, t, d),
-                          out=target) if target is not None else \
-            torch.addcmul(self._broadcast(z, t, d), q.view(shape), self._broadcast(s, t, d))
-        y = y.view(b, h, n, t, d)
-        if blocks.lr_a is not None:  # the low-rank error term
-            y += blocks.lr_a[:, :, :n].float() @ blocks.lr_b[:, :, :n].float()
+        target = out.view(b, h, n, t, d).view(shape) if out is not None and dtype == torch.float32 else None
+        # (mixed-dtype broadcasting into a fresh tensor is slow on CPU: convert first, then scale in place)
+        if target is not None:
+            y = torch.mul(q.view(shape), self._broadcast(s, t, d), out=target)
+        else:
+            y = q.view(shape).to(torch.float32).mul_(self._broadcast(s, t, d))
+        y = y.add_(self._broadcast(z, t, d)).view(b, h, n, t, d)
+        if blocks.lr_a is not None:  # the low-rank error term, one outer product per rank (elementwise, so a
+            a, bb = blocks.lr_a[:, :, :n].float(), blocks.lr_b[:, :, :n].float()  # block's values do not depend
+            for i in range(a.shape[-1]):  # on how many blocks are decompressed together)
+                y.addcmul_(a[..., i:i + 1], bb[..., i:i + 1, :])
         if blocks.out_index is not None:  # the outliers: written over everything else
             y.view(b, h, n, t * d).scatter_(-1, blocks.out_index[:, :, :n].long(), blocks.out_values[:, :, :n].float())
         y = y.view(b, h, n * t, d)
