@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -108,7 +108,7 @@ def settings_list(kinds: str, bits: str, base: KVSettings) -> list[KVSettings | 
     for b in widths:
         for k in names:
             if k != "none":
-                out.append(replace(base, kind=k, bits=b))
+                out.append(base.with_kind(k, b))
     return out
 
 
@@ -132,12 +132,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "hf-quanto is transformers' QuantizedCache, needs optimum-quanto)")
     p.add_argument("--kv-bits", default="4", help="comma-separated bit widths, e.g. 4,2 (default 4)")
     d = KVSettings()
-    p.add_argument("--kv-rank", type=int, default=d.rank, help=f"gear: rank per head and block (default {d.rank})")
-    p.add_argument("--kv-outliers", type=float, default=d.outliers,
-                   help=f"gear: fraction of entries kept exactly (default {d.outliers})")
+    p.add_argument("--kv-rank", type=int, default=None, help="gear: rank per head and block (default by bits: 2 "
+                   "at 2 bits, else 0)")
+    p.add_argument("--kv-outliers", type=float, default=None,
+                   help="gear: fraction of entries kept apart in float16 (default by bits: 0.02 at 2, 0.005 at 4)")
     p.add_argument("--kv-window", type=int, default=d.window, help=f"tokens always exact (default {d.window})")
     p.add_argument("--kv-block", type=int, default=d.block, help=f"tokens compressed together (default {d.block})")
-    p.add_argument("--kv-group", type=int, default=d.group, help=f"entries per quantization group (default {d.group})")
+    p.add_argument("--kv-group", type=int, default=None, help="entries per quantization group: a key channel's "
+                   "consecutive tokens, a value token's channels (default 16 at 2 bits, else 64)")
     p.add_argument("--agreement", type=int, default=0, metavar="N",
                    help="also generate N tokens greedily after the text and compare them with the uncompressed "
                    "cache's (default 0: no)")

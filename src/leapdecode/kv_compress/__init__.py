@@ -36,6 +36,12 @@ OPTIONS = {"kv_cache": "kind", "kv_bits": "bits", "kv_rank": "rank", "kv_outlier
 WINDOW_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "model": None}
 
 
+# per bit width, measured on SmolLM2-135M (README): at 4 bits a few outliers buy more per byte than a low-rank
+# term; at 2 bits small groups, outliers and a rank-2 error term are all needed
+BIT_DEFAULTS = {2: {"rank": 2, "outliers": 0.02, "group": 16}, 4: {"rank": 0, "outliers": 0.005, "group": 64},
+                8: {"rank": 0, "outliers": 0.0, "group": 64}}
+
+
 @dataclass(frozen=True)
 class KVSettings:
     """What KV cache a model runs on. `window`: tokens always seen exactly (at least the longest draft);
@@ -45,15 +51,19 @@ class KVSettings:
 
     kind: str = "none"
     bits: int = 4
-    rank: int = 2
-    outliers: float = 0.01
+    rank: int | None = None  # None: by bits (BIT_DEFAULTS)
+    outliers: float | None = None
     window: int = 64
     block: int = 64
-    group: int = 64
+    group: int | None = None
     scale_bits: int = 8
     window_dtype: str = "float16"
 
     def __post_init__(self) -> None:
+        defaulted = [n for n in ("rank", "outliers", "group") if getattr(self, n) is None]
+        for name in defaulted:
+            object.__setattr__(self, name, BIT_DEFAULTS.get(self.bits, BIT_DEFAULTS[4])[name])
+        object.__setattr__(self, "_defaulted", tuple(defaulted))
         if self.kind not in KINDS:
             raise InvalidSettingError(f"kv_cache must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.bits not in (2, 4, 8):
@@ -74,6 +84,11 @@ class KVSettings:
         if self.block % (8 // self.bits):
             raise InvalidSettingError(f"kv_block must be a multiple of {8 // self.bits} at {self.bits} bits")
 
+    def with_kind(self, kind: str, bits: int) -> "KVSettings":
+        """These settings for another kind and bit width; rank, outliers and group left to their defaults stay
+        defaults (of the new bit width)."""
+        return replace(self, kind=kind, bits=bits, **{n: None for n in self._defaulted})
+
     @property
     def lossless(self) -> bool:
         return self.kind == "none"
@@ -84,8 +99,8 @@ class KVSettings:
         if self.kind == "none":
             return "none"
         if self.kind == "gear":
-            return f"gear-{self.bits} (r{self.rank}, s{self.outliers:g})"
-        return f"{self.kind}-{self.bits}"
+            return f"gear-{self.bits} (g{self.group}, r{self.rank}, s{self.outliers:g})"
+        return f"{self.kind}-{self.bits} (g{self.group})"
 
 
 def take_settings(options: dict) -> KVSettings | None:
@@ -171,10 +186,9 @@ def settings_from_args(args) -> KVSettings | None:
     """KVSettings from the --kv-* command-line arguments (see `add_arguments`); None for --kv-cache none."""
     if getattr(args, "kv_cache", "none") in (None, "none"):
         return None
-    base = KVSettings(kind=args.kv_cache, bits=args.kv_bits)
     changes = {k: getattr(args, f"kv_{k}") for k in ("rank", "outliers", "window", "block", "group")
                if getattr(args, f"kv_{k}", None) is not None}
-    return replace(base, **changes)
+    return KVSettings(kind=args.kv_cache, bits=args.kv_bits, **changes)
 
 
 def options_from_args(args) -> dict:
@@ -196,12 +210,14 @@ def add_arguments(p, kinds=ENGINE_KINDS) -> None:
                    help="KV-cache compression (lossy): quant = per-group quantization, gear = quantization + "
                    "low-rank error + exact outliers (default none)")
     p.add_argument("--kv-bits", type=int, default=d.bits, choices=(2, 4, 8), help=f"bits per entry (default {d.bits})")
+    by_bits = ", ".join(f"{b} bits: {v['rank']}" for b, v in BIT_DEFAULTS.items())
     p.add_argument("--kv-rank", type=int, default=None, help=f"gear: rank of the error per head and block "
-                   f"(default {d.rank})")
-    p.add_argument("--kv-outliers", type=float, default=None, help=f"gear: fraction of entries kept exactly "
-                   f"(default {d.outliers})")
+                   f"(default by bits: {by_bits})")
+    by_bits = ", ".join(f"{b} bits: {v['outliers']}" for b, v in BIT_DEFAULTS.items())
+    p.add_argument("--kv-outliers", type=float, default=None, help=f"gear: fraction of entries kept apart in "
+                   f"float16 (default by bits: {by_bits})")
     p.add_argument("--kv-window", type=int, default=None, help=f"recent tokens always exact, at least the longest "
                    f"draft (default {d.window})")
     p.add_argument("--kv-block", type=int, default=None, help=f"tokens compressed together (default {d.block})")
     p.add_argument("--kv-group", type=int, default=None, help=f"entries per quantization group: a key channel's "
-                   f"consecutive tokens, a value token's channels (default {d.group})")
+                   f"consecutive tokens, a value token's channels (default 16 at 2 bits, else 64)")
