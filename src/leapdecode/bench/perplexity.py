@@ -140,6 +140,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kv-block", type=int, default=d.block, help=f"tokens compressed together (default {d.block})")
     p.add_argument("--kv-group", type=int, default=None, help="entries per quantization group: a key channel's "
                    "consecutive tokens, a value token's channels (default 16 at 2 bits, else 64)")
+    p.add_argument("--kv-scale-bits", type=int, default=d.scale_bits, choices=(8, 16),
+                   help=f"scale and zero point per group: 8 (a byte each, double quantization) or 16 (float16) "
+                   f"(default {d.scale_bits})")
     p.add_argument("--agreement", type=int, default=0, metavar="N",
                    help="also generate N tokens greedily after the text and compare them with the uncompressed "
                    "cache's (default 0: no)")
@@ -184,7 +187,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from leapdecode.loading import resolve_device
 
     base = KVSettings(rank=args.kv_rank, outliers=args.kv_outliers, window=args.kv_window, block=args.kv_block,
-                      group=args.kv_group)
+                      group=args.kv_group, scale_bits=args.kv_scale_bits)
     runs = settings_list(args.kv_cache, args.kv_bits, base)
     if args.max_tokens < 2 or args.chunk < 1:
         raise InvalidSettingError("--max-tokens must be at least 2 and --chunk at least 1")
