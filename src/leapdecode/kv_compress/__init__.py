@@ -3,7 +3,9 @@
 - `quant`: per-group asymmetric quantization to 2, 4 or 8 bits (keys per channel, values per token), the
   baseline;
 - `gear`: GEAR (Kang et al., 2024): the same quantization, plus a rank-`rank` approximation of each block's
-  quantization error per head, plus a fraction `outliers` of the entries kept exactly.
+  quantization error per head, plus a fraction `outliers` of the entries kept apart in float16.
+
+The window of recent tokens is not quantized (a float32 model's is stored in float16, `window_dtype`).
 
 Every method runs on it (`Decoder(target, method, kv_cache="gear", kv_bits=4)`, `--kv-cache gear --kv-bits 4`):
 the last `window`+ tokens stay exact, so speculative rollbacks touch only exact data, and passes are cut where
@@ -208,7 +210,7 @@ def add_arguments(p, kinds=ENGINE_KINDS) -> None:
     d = KVSettings()
     p.add_argument("--kv-cache", default="none", choices=kinds,
                    help="KV-cache compression (lossy): quant = per-group quantization, gear = quantization + "
-                   "low-rank error + exact outliers (default none)")
+                   "low-rank error + outliers kept apart (default none)")
     p.add_argument("--kv-bits", type=int, default=d.bits, choices=(2, 4, 8), help=f"bits per entry (default {d.bits})")
     by_bits = ", ".join(f"{b} bits: {v['rank']}" for b, v in BIT_DEFAULTS.items())
     p.add_argument("--kv-rank", type=int, default=None, help=f"gear: rank of the error per head and block "

@@ -1,4 +1,5 @@
-"""A compressed KV cache for transformers models: old tokens in compressed blocks, recent ones exact.
+"""A compressed KV cache for transformers models: old tokens in compressed blocks, recent ones exact (a float32
+model's in float16 unless `window_dtype` says otherwise: "exact" below means "not quantized").
 
 `CompressedCache` is a transformers `Cache` (one `CompressedLayer` per model layer, created lazily, each keeping
 the whole sequence; sliding-window layers get their window from the attention mask, as the project's plain
