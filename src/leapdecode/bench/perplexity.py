@@ -135,7 +135,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kv-rank", type=int, default=None, help="gear: rank per head and block (default by bits: 2 "
                    "at 2 bits, else 0)")
     p.add_argument("--kv-outliers", type=float, default=None,
-                   help="gear: fraction of entries kept apart in float16 (default by bits: 0.02 at 2, 0.005 at 4)")
+                   help="gear: fraction of entries kept apart in float16 (default by bits: 0.03 at 2, 0.005 at 4)")
     p.add_argument("--kv-window", type=int, default=d.window, help=f"tokens always exact (default {d.window})")
     p.add_argument("--kv-block", type=int, default=d.block, help=f"tokens compressed together (default {d.block})")
     p.add_argument("--kv-group", type=int, default=None, help="entries per quantization group: a key channel's "
