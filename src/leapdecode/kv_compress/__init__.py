@@ -221,5 +221,5 @@ def add_arguments(p, kinds=ENGINE_KINDS) -> None:
     p.add_argument("--kv-window", type=int, default=None, help=f"recent tokens always exact, at least the longest "
                    f"draft (default {d.window})")
     p.add_argument("--kv-block", type=int, default=None, help=f"tokens compressed together (default {d.block})")
-    p.add_argument("--kv-group", type=int, default=None, help=f"entries per quantization group: a key channel's "
-                   f"consecutive tokens, a value token's channels (default 16 at 2 bits, else 64)")
+    p.add_argument("--kv-group", type=int, default=None, help="entries per quantization group: a key channel's "
+                   "consecutive tokens, a value token's channels (default 16 at 2 bits, else 64)")
