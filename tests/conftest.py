@@ -56,6 +56,14 @@ def tiny_loaded(arch: str = "llama", vocab_size: int = 64, seed: int = 0, layers
                        context_length=context_length)
 
 
+def saved_tiny(folder, arch: str = "llama", scale: float = 1.0) -> str:
+    """A tiny model and its tokenizer written to `folder` (a local model folder `load` accepts)."""
+    target = tiny_loaded(arch, scale=scale)
+    target.model.save_pretrained(folder)
+    target.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request) -> str:
     return request.param

@@ -49,7 +49,7 @@ class SequenceScorer:
             self.lead = []
             self.prefilled_at = time.perf_counter()
 
-    def score(self, roots: list[int], trees: list[DraftTree], hidden: list[bool]):
+    def score(self, roots: list[int], trees: list[DraftTree], hidden: list[int | None]):
         (root,), (tree,) = roots, trees
         if self.lead and (self.separate_prompt or not tree.layout.is_chain):
             self.prefill()

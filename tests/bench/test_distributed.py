@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from conftest import tiny_loaded
+from conftest import saved_tiny
 from leapdecode.bench.distributed import ModelSpec, NodeRun, chunks, format_report, merge, run_chunk
 from leapdecode.bench.questions import Question
 from leapdecode.bench.runner import BenchSettings, run_benchmark
@@ -22,11 +22,7 @@ SETTINGS = BenchSettings(max_new_tokens=12)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bench") / "model"
-    target = tiny_loaded("llama", scale=6.0)
-    target.model.save_pretrained(folder)
-    target.tokenizer.save_pretrained(folder)
-    return str(folder)
+    return saved_tiny(tmp_path_factory.mktemp("bench") / "model", scale=6.0)
 
 
 def record(qid, method, tokens, seconds, ids):

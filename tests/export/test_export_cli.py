@@ -4,11 +4,12 @@ and gives the trained drafter's logits)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_loaded
+from conftest import saved_tiny
 from engines import load_engine
 from helpers import final_hidden
 from leapdecode.cli import main
@@ -21,11 +22,7 @@ COMMON = ["--self-distill", "4", "--max-new-tokens", "12", "--epochs", "2", "--b
 @pytest.fixture
 def model_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("LEAPDECODE_CACHE", str(tmp_path / "cache"))
-    target = tiny_loaded("llama", scale=3.0)
-    folder = tmp_path / "model"
-    target.model.save_pretrained(folder)
-    target.tokenizer.save_pretrained(folder)
-    return folder
+    return Path(saved_tiny(tmp_path / "model", scale=3.0))
 
 
 def test_cli_registers_export():

@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 
-from conftest import tiny_loaded
+from conftest import saved_tiny
 from leapdecode.server import BackgroundServer, ServerConfig
 from leapdecode.server.replicas import REPLICA_HEADER, ReplicaSpec, build_app
 
@@ -22,11 +22,7 @@ PROMPTS = [" ".join(f"w{(i * 5 + j * 3) % 60 + 1}" for j in range(6 + i % 4)) fo
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("replicas") / "model"
-    target = tiny_loaded("llama", scale=6.0)
-    target.model.save_pretrained(folder)
-    target.tokenizer.save_pretrained(folder)
-    return str(folder)
+    return saved_tiny(tmp_path_factory.mktemp("replicas") / "model", scale=6.0)
 
 
 def spec_for(model_dir: str, **kw) -> ReplicaSpec:
