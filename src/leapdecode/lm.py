@@ -9,6 +9,7 @@ import torch
 
 from . import kv_cache
 from .masks import attention_masks
+from .runtime import compiled
 from .runtime.attention import PROMPT_PASS
 from .tree import DraftTree
 
@@ -18,8 +19,13 @@ class CausalLM:
 
     def __init__(self, model: torch.nn.Module, cache_factory=None):
         self.model = model
+        # the forward passes: the model itself, or its compiled passes (runtime/compiled.py) when enabled
+        self.passes = compiled.passes_for(model) or model
         self.cache_factory = cache_factory or kv_cache.new_cache  # kv_compress.make_cache_factory: compressed
         self.cache = self.cache_factory()
+        if self.passes is not model and kv_cache.splits_passes(self.cache):
+            raise compiled.CompilationError("compiled passes run on the plain KV cache; use --kv-cache none "
+                                            "or run without --compile")
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         types = getattr(cfg, "layer_types", None) or []
         self.sliding_window = getattr(cfg, "sliding_window", None) if "sliding_attention" in types else None
@@ -49,7 +55,7 @@ class CausalLM:
             logits = kv_cache.split_passes().forward(self, ids, logits_to_keep)
             if logits is not None:
                 return logits
-        out = self.model(
+        out = self.passes(
             input_ids=ids.to(self.device), cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep,
             **self._hidden_kwargs(), **({PROMPT_PASS: True} if prompt and self.length == 0 else {}),
         )
@@ -64,7 +70,7 @@ class CausalLM:
             hidden = kv_cache.split_passes().forward(self, ids, hidden_only=keep)
             if hidden is not None:
                 return hidden
-        out = self.model.get_decoder()(input_ids=ids.to(self.device), cache=self.cache, use_cache=True)
+        out = self.passes.get_decoder()(input_ids=ids.to(self.device), cache=self.cache, use_cache=True)
         self.forward_passes += 1
         return out.last_hidden_state[:, -keep:]
 
@@ -106,7 +112,7 @@ class CausalLM:
                 return logits
         positions = (past + depths).unsqueeze(0).expand(ids.shape[0], -1)
         mask = self._tree_mask(ancestors, past, positions[0], ids.shape[0])
-        out = self.model(
+        out = self.passes(
             input_ids=ids.to(self.device),
             position_ids=positions.to(self.device),
             attention_mask=mask,

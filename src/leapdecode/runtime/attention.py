@@ -94,6 +94,10 @@ def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     Returns (B, q, H, D) like transformers' other attention functions."""
     if kwargs.get("softcap") is not None:
         raise ValueError("the exact attention does not support attention logit soft-capping")
+    if torch.compiler.is_compiling():  # a compiled pass: the cache and this routine run in one opaque op
+        from .compiled import attend
+
+        return attend(module, query, key, value, scaling), None
     batch, heads, q, dim = query.shape
     kv_heads, kv = key.shape[1], key.shape[2]
     if kwargs.pop(PROMPT_PASS, False) and attention_mask is None and q == kv:

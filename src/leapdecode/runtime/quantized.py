@@ -70,6 +70,8 @@ def _version(x: torch.Tensor) -> int:
 
 
 def _round_trip(x: torch.Tensor, features: int) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # a compiled graph rounds each input once by itself
+        return x.reshape(-1, features).to(torch.bfloat16)
     if x is _LAST.source and _version(x) == _LAST.version and x.shape[-1] == features:
         return _LAST.rounded
     rounded = x.reshape(-1, features).to(torch.bfloat16)
