@@ -9,7 +9,8 @@ from pathlib import Path
 from .errors import InvalidSettingError
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, compile: bool = False) -> None:
+    """The model flags; `compile`: also `--compile` (commands that decode one sequence at a time)."""
     from .presets import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset, .gguf file, folder or hub id (default {DEFAULT_MODEL})")
@@ -18,6 +19,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="auto", choices=("auto", "int4", "int8", "bf16", "fp32"),
                    help="runtime: int4 (the CPU default: a GGUF's 4-bit blocks as they are, exact passes), int8, "
                    "bf16, or fp32 (the float32 reference, identical only up to floating-point noise)")
+    if compile:
+        p.add_argument("--compile", action="store_true",
+                       help="run the passes as compiled graphs (int4/int8; faster passes after about a minute of "
+                       "compiling per pass shape on first use, cached on disk; not for models with sliding-window "
+                       "layers)")
 
 
 @dataclass(frozen=True)

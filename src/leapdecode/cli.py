@@ -73,8 +73,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if spec.needs_draft_model and not args.draft_model:
         raise LeapdecodeError(f"method {args.method!r} needs --draft-model")
     device = resolve_device(args.device)
-    target = load(args.model, device=device, weights=args.weights)
-    draft = load(args.draft_model, device=device, weights=args.weights) if args.draft_model else None
+    target = load(args.model, device=device, weights=args.weights, compile=args.compile)
+    draft = (load(args.draft_model, device=device, weights=args.weights, compile=args.compile)
+             if args.draft_model else None)
     decoder = Decoder(target, args.method, draft=draft, **options)
     chat = target.has_chat_template and not args.no_chat
     if args.num_return != 1:  # several answers: one loop for all (superposed) or independent generations
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text (streams), then print stats")
     g.add_argument("prompt", nargs="?", help="the prompt (the chat template is applied when the model has one)")
-    add_model_arguments(g)
+    add_model_arguments(g, compile=True)
     g.add_argument("--method", default="pld", help="decoding method (see `leapdecode methods`; default pld)")
     add_sampling_arguments(g)
     from .kv_compress import add_arguments as add_kv_arguments

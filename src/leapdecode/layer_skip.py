@@ -30,6 +30,7 @@ from typing import Iterator
 import torch
 
 from .errors import InvalidSettingError
+from .runtime import compiled
 
 ATTN, FFN = "attn", "ffn"
 
@@ -165,6 +166,9 @@ def _first(args, kwargs, name):
 @contextmanager
 def gated(model: torch.nn.Module, gate: Gate) -> Iterator[Gate]:
     """Run `model` under `gate` inside the block; the original modules and no hooks afterwards."""
+    if compiled.passes_for(model) is not None:
+        raise InvalidSettingError("layer-skipping methods swap the model's modules, which its compiled passes "
+                                  "do not see; run them without --compile")
     layers = decoder_layers(model)
     if gate.layers != len(layers):
         raise InvalidSettingError(f"the gate is for {gate.layers} layers, the model has {len(layers)}")

@@ -11,6 +11,7 @@ model and tokenizer as safetensors under the leapdecode cache folder (`$LEAPDECO
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import functools
 import hashlib
@@ -32,7 +33,7 @@ import torch
 
 from leapdecode import presets
 from leapdecode.errors import InvalidSettingError, LeapdecodeError, ModelNotFoundError
-from leapdecode.runtime import stored
+from leapdecode.runtime import compiled, stored
 from leapdecode.runtime.convert import RuntimeInfo, Weights, apply_runtime, parse_weights
 
 
@@ -471,12 +472,14 @@ def _load_gguf_runtime(source: ModelSource, spec: str, dtype: torch.dtype, mode:
 
 
 def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         progress: bool = True, weights: str | None = "auto") -> LoadedModel:
+         progress: bool = True, weights: str | None = "auto", compile: bool = False) -> LoadedModel:
     """Load a preset name, a `.gguf` file, a local model folder, or a hub id from the local HF cache.
 
     `weights` picks the runtime (runtime/convert.py): `int4` (the CPU default, "auto"; a GGUF's own 4-bit blocks
     kept as they are), `int8`, `bf16`, or `fp32` (the float32 reference). Every mode but fp32 computes
     row-invariant passes, which makes lossless methods bitwise identical to plain decoding.
+    `compile`: run the passes of single-sequence decoding as compiled graphs (runtime/compiled.py; int4/int8
+    only; each pass shape compiles on first use, about a minute, cached on disk for later processes).
 
     Raises ModelNotFoundError (one line, saying what was tried) when nothing matches, and for a preset
     whose packages are missing (with the pip command that installs them).
@@ -488,6 +491,8 @@ def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device:
         mode = parse_weights(weights, str(device))
     except ValueError as exc:
         raise InvalidSettingError(str(exc)) from None
+    if compile and not mode.exact:
+        raise InvalidSettingError(_NOT_COMPILABLE.format(mode.value))
     what = {
         SourceKind.PRESET: "preset",
         SourceKind.GGUF: "GGUF file",
@@ -507,8 +512,7 @@ def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device:
             model.requires_grad_(False)
             runtime = apply_runtime(model, mode, None)
         model.to(device)
-    _note(progress, runtime.describe())
-    return LoadedModel(
+    loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=spec,
@@ -518,6 +522,24 @@ def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device:
         from_cache=from_cache,
         runtime=runtime,
     )
+    if compile:
+        loaded = with_compiled_passes(loaded)
+    _note(progress, loaded.runtime.describe())
+    return loaded
+
+
+_NOT_COMPILABLE = "--compile runs the exact runtime's passes; it needs --weights int4 or int8, not {}"
+
+
+def with_compiled_passes(loaded: LoadedModel) -> LoadedModel:
+    """`loaded` with compiled passes (runtime/compiled.py): every `CausalLM` over its model uses them."""
+    if not loaded.runtime.exact:
+        raise InvalidSettingError(_NOT_COMPILABLE.format(loaded.runtime.weights.value))
+    try:
+        compiled.enable(loaded.model)
+    except compiled.CompilationError as exc:
+        raise InvalidSettingError(str(exc)) from None
+    return dataclasses.replace(loaded, runtime=dataclasses.replace(loaded.runtime, compiled=True))
 
 
 def check_draft_compatible(target: LoadedModel, draft: LoadedModel) -> None:

@@ -110,3 +110,23 @@ def test_compressed_cache_is_refused():
     model = compiled_model("llama").model
     with pytest.raises(compiled.CompilationError, match="kv-cache"):
         CausalLM(model, cache_factory=make_cache_factory(KVSettings(kind="quant", bits=4), model))
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_trained_drafters_equal_ar_when_compiled(kind, tmp_path):
+    """Drafters that read the target's hidden states take the compiled graph that returns them."""
+    from test_trained_drafters import OPTIONS, fresh_drafter
+
+    target = compiled_model("llama")
+    folder = fresh_drafter(kind, target, tmp_path / kind)
+    ar, dec = Decoder(target, "ar"), Decoder(target, kind, drafter=str(folder), **OPTIONS[kind])
+    for prompt in random_prompts(9, n=3):
+        want = ar.generate(prompt, max_new_tokens=20).token_ids
+        assert dec.generate(prompt, max_new_tokens=20).token_ids == want
+
+
+def test_layer_skipping_refuses_a_compiled_model():
+    from leapdecode.errors import InvalidSettingError
+
+    with pytest.raises(InvalidSettingError, match="without --compile"):
+        Decoder(compiled_model("llama"), "self-spec", skip_layers="1").generate([1, 2, 3], max_new_tokens=4)

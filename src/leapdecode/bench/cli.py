@@ -39,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Run methods interleaved per question in one process (warm-up untimed, median of "
         "--repeats) and write answers.jsonl, summary.json, report.md and PNG plots to --out.",
     )
-    add_model_arguments(p)
+    add_model_arguments(p, compile=True)
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated engine methods and peers, each optionally with options as "
                    f"method@key=value@key=value (e.g. ffn-skip@fraction=0.3) (default {DEFAULT_METHODS}; "
@@ -107,6 +107,8 @@ def command_line(args: argparse.Namespace, methods: list[str]) -> str:
         parts += ["--device", args.device]
     if getattr(args, "weights", "auto") != "auto":
         parts += ["--weights", args.weights]
+    if getattr(args, "compile", False):
+        parts.append("--compile")
     if getattr(args, "kv_cache", "none") != "none":
         parts += ["--kv-cache", args.kv_cache, "--kv-bits", str(args.kv_bits)]
     parts += ["--out", args.out]
@@ -174,6 +176,8 @@ def run_bench(args: argparse.Namespace) -> int:
               file=sys.stderr)
 
     if getattr(args, "ray", False):
+        if args.compile:
+            raise InvalidSettingError("--compile is not supported with --ray (each task loads its own model)")
         return _run_bench_ray(args, questions, methods, settings, method_options, out, use_draft)
     if args.threads is not None:
         import torch
@@ -184,6 +188,11 @@ def run_bench(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     target = _load_model(args.model, device, args.weights)
     draft = _load_model(args.draft_model, device, args.weights) if use_draft else None
+    if args.compile:
+        from leapdecode.loading import with_compiled_passes
+
+        target = with_compiled_passes(target)
+        draft = with_compiled_passes(draft) if draft is not None else None
     text_only = {s.name for s in all_methods() if not s.same_tokenizer}  # their drafts cross as text
     if draft is not None and any(needs_draft(m) and split_variant(m)[0] not in text_only for m in methods):
         from leapdecode.loading import check_draft_compatible

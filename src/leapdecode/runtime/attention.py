@@ -95,8 +95,6 @@ def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     if kwargs.get("softcap") is not None:
         raise ValueError("the exact attention does not support attention logit soft-capping")
     if torch.compiler.is_compiling():  # a compiled pass: the cache and this routine run in one opaque op
-        from .compiled import attend
-
         return attend(module, query, key, value, scaling), None
     batch, heads, q, dim = query.shape
     kv_heads, kv = key.shape[1], key.shape[2]
@@ -133,6 +131,44 @@ def _one_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float |
     scores = torch.baddbmm(q.new_empty(()).expand(q.shape[0], q.shape[1], k.shape[1]), q, k.transpose(1, 2),
                            beta=0.0, alpha=scale)
     return torch.bmm(scores.softmax(-1), v)
+
+
+# ----- inside compiled graphs (runtime/compiled.py) ------------------------------------------------------
+
+_ATTENTION_OP = "leapdecode::cached_attention"
+
+
+class _PassContext(threading.local):
+    """The cache and tree mask of the compiled pass in flight (read by the attention op)."""
+
+    cache = None
+    mask: torch.Tensor | None = None
+
+
+PASS_CONTEXT = _PassContext()
+
+
+@torch.library.custom_op(_ATTENTION_OP, mutates_args=())
+def cached_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
+                     scaling: float) -> torch.Tensor:
+    """query (B, H, q, D), the pass's new key/value rows (B, Hkv, q, D): append them to the context's cache
+    at decoder layer `layer`, then attend over the whole cache; returns (B, q, H, D)."""
+    keys, values = PASS_CONTEXT.cache.update(key, value, layer)
+    out, _ = exact_attention(None, query, keys, values, PASS_CONTEXT.mask, scaling=scaling)
+    return out.contiguous()
+
+
+@cached_attention.register_fake
+def _cached_attention_shape(query, key, value, layer, scaling):
+    batch, heads, q, _ = query.shape
+    return query.new_empty(batch, q, heads, value.shape[-1])
+
+
+def attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           scaling: float | None) -> torch.Tensor:
+    """What `attention.exact_attention` does while a graph is being compiled: one opaque attention op."""
+    scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    return cached_attention(query, key, value, int(module.layer_idx), scale)
 
 
 def register() -> str:

@@ -29,49 +29,15 @@ attention sees no mask of its own.
 """
 from __future__ import annotations
 
+import itertools
 import threading
+import types
 import weakref
 from dataclasses import dataclass
 
 import torch
 
 from . import attention
-
-_ATTENTION_OP = "leapdecode::cached_attention"
-
-
-class _PassContext(threading.local):
-    """The cache and tree mask of the compiled pass in flight (read by the attention op)."""
-
-    cache = None
-    mask: torch.Tensor | None = None
-
-
-_CONTEXT = _PassContext()
-
-
-@torch.library.custom_op(_ATTENTION_OP, mutates_args=())
-def cached_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
-                     scaling: float) -> torch.Tensor:
-    """query (B, H, q, D), the pass's new key/value rows (B, Hkv, q, D): append them to the context's cache
-    at decoder layer `layer`, then attend over the whole cache; returns (B, q, H, D)."""
-    keys, values = _CONTEXT.cache.update(key, value, layer)
-    out, _ = attention.exact_attention(None, query, keys, values, _CONTEXT.mask, scaling=scaling)
-    return out.contiguous()
-
-
-@cached_attention.register_fake
-def _cached_attention_shape(query, key, value, layer, scaling):
-    batch, heads, q, _ = query.shape
-    return query.new_empty(batch, q, heads, value.shape[-1])
-
-
-def attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-           scaling: float | None) -> torch.Tensor:
-    """What `attention.exact_attention` does while a graph is being compiled: one opaque attention op."""
-    scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
-    return cached_attention(query, key, value, int(module.layer_idx), scale)
-
 
 @dataclass(frozen=True)
 class PassOutput:
@@ -95,23 +61,42 @@ def check_supported(model: torch.nn.Module) -> None:
         raise CompilationError("compiled passes do not support attention logit soft-capping; run without --compile")
 
 
+def _logits_pass(model, input_ids, position_ids, hidden: bool):
+    out = model(input_ids=input_ids, position_ids=position_ids, cache=None, use_cache=False,
+                output_hidden_states=hidden)
+    return out.logits, (tuple(out.hidden_states) if hidden else None)
+
+
+def _decoder_pass(model, input_ids, position_ids):
+    return model.get_decoder()(input_ids=input_ids, position_ids=position_ids, cache=None,
+                               use_cache=False).last_hidden_state
+
+
+_COUNT = itertools.count()
+
+
+def _compiled_copy(fn):
+    """`torch.compile` of a copy of `fn` with a code object of its own. Dynamo keeps graphs per code object and,
+    with the module checks dropped (below), would hand one model's graphs to another (a draft model's to its
+    target); one copy per model keeps them apart."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_COUNT)}")
+    own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    # The graphs do not re-check the model's modules on every call (that check cost about 2 ms a pass): the
+    # model must not change while it has compiled passes, which is why module swaps (`layer_skip.gated`)
+    # refuse a compiled model. `cpp_wrapper`: the graph's kernels are called from C++ rather than from
+    # generated Python (about 2 ms less a pass on SmolLM2-135M; compiling takes longer).
+    return torch.compile(own, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                                       "cpp_wrapper": True})
+
+
 class CompiledPasses:
     """Called like the model by `CausalLM` (the same keywords); the decoder alone through `get_decoder()`."""
 
     def __init__(self, model: torch.nn.Module):
         check_supported(model)
         self.model = model
-        self._logits = torch.compile(self._logits_pass)
-        self._decoder = torch.compile(self._decoder_pass)
-
-    def _logits_pass(self, input_ids, position_ids, hidden: bool):
-        out = self.model(input_ids=input_ids, position_ids=position_ids, cache=None, use_cache=False,
-                         output_hidden_states=hidden)
-        return out.logits, (tuple(out.hidden_states) if hidden else None)
-
-    def _decoder_pass(self, input_ids, position_ids):
-        return self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids, cache=None,
-                                        use_cache=False).last_hidden_state
+        self._logits = _compiled_copy(_logits_pass)
+        self._decoder = _compiled_copy(_decoder_pass)
 
     def _run(self, graph, input_ids, cache, position_ids, attention_mask, *extra):
         if isinstance(attention_mask, dict):
@@ -124,11 +109,11 @@ class CompiledPasses:
             if size > 1:
                 torch._dynamo.mark_dynamic(input_ids, dim)
                 torch._dynamo.mark_dynamic(position_ids, dim)
-        _CONTEXT.cache, _CONTEXT.mask = cache, attention_mask
+        attention.PASS_CONTEXT.cache, attention.PASS_CONTEXT.mask = cache, attention_mask
         try:
-            return graph(input_ids, position_ids, *extra)
+            return graph(self.model, input_ids, position_ids, *extra)
         finally:
-            _CONTEXT.cache, _CONTEXT.mask = None, None
+            attention.PASS_CONTEXT.cache, attention.PASS_CONTEXT.mask = None, None
 
     def __call__(self, *, input_ids, cache, use_cache=True, logits_to_keep: int = 0, position_ids=None,
                  attention_mask=None, output_hidden_states: bool = False, **kwargs) -> PassOutput:

@@ -55,10 +55,12 @@ class RuntimeInfo:
     weights: Weights = Weights.FP32
     exact: bool = False
     layers: dict[str, int] = field(default_factory=dict)  # "int4 from GGUF Q4_1" -> count
+    compiled: bool = False  # single-sequence passes run as compiled graphs (runtime/compiled.py)
 
     def describe(self) -> str:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.layers.items())) or "dense float32"
-        return f"weights {self.weights.value} ({kinds}); {'exact' if self.exact else 'not row-invariant'} passes"
+        passes = f"{'exact' if self.exact else 'not row-invariant'}{', compiled' if self.compiled else ''} passes"
+        return f"weights {self.weights.value} ({kinds}); {passes}"
 
 
 def parse_weights(value: str | Weights | None, device: str) -> Weights:

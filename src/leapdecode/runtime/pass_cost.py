@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from . import compiled
+from .attention import PROMPT_PASS
 from .cache import GrowingCache
 
 WIDTHS = (1, 2, 4, 8, 16, 32)
@@ -25,11 +27,12 @@ def pass_cost_ms(model: torch.nn.Module, widths=WIDTHS, context: int = 300, repe
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, context + max(widths)), generator=g).to(device)
     cache = GrowingCache()
-    model(input_ids=ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
+    passes = compiled.passes_for(model) or model  # the passes decoding uses
+    passes(input_ids=ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1, **{PROMPT_PASS: True})
 
     def one(width: int) -> float:
         start = time.perf_counter()
-        model(input_ids=ids[:, context:context + width], cache=cache, use_cache=True, logits_to_keep=width)
+        passes(input_ids=ids[:, context:context + width], cache=cache, use_cache=True, logits_to_keep=width)
         seconds = time.perf_counter() - start
         for layer in cache.layers:  # back to the context (a prefix view: the buffer's end moves)
             layer.keys, layer.values = layer.keys[..., :context, :], layer.values[..., :context, :]
