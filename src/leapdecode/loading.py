@@ -523,7 +523,7 @@ def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device:
         runtime=runtime,
     )
     if compile:
-        loaded = with_compiled_passes(loaded)
+        loaded = with_compiled_passes(loaded, progress)
     _note(progress, loaded.runtime.describe())
     return loaded
 
@@ -531,14 +531,20 @@ def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device:
 _NOT_COMPILABLE = "--compile runs the exact runtime's passes; it needs --weights int4 or int8, not {}"
 
 
-def with_compiled_passes(loaded: LoadedModel) -> LoadedModel:
-    """`loaded` with compiled passes (runtime/compiled.py): every `CausalLM` over its model uses them."""
+def with_compiled_passes(loaded: LoadedModel, progress: bool = True) -> LoadedModel:
+    """`loaded` with compiled passes (runtime/compiled.py): every `CausalLM` over its model uses them. Compiles
+    the decoding graphs now (minutes the first time, seconds once inductor's disk cache has them), so the
+    first generation's timing is not the compiler's."""
     if not loaded.runtime.exact:
         raise InvalidSettingError(_NOT_COMPILABLE.format(loaded.runtime.weights.value))
     try:
-        compiled.enable(loaded.model)
+        passes = compiled.enable(loaded.model)
     except compiled.CompilationError as exc:
         raise InvalidSettingError(str(exc)) from None
+    _note(progress, f"compiling the passes of {loaded.name} (first time: a few minutes; then read from disk)")
+    start = time.perf_counter()
+    passes.warm_up()
+    _note(progress, f"compiled passes ready in {time.perf_counter() - start:.0f} s")
     return dataclasses.replace(loaded, runtime=dataclasses.replace(loaded.runtime, compiled=True))
 
 

@@ -191,8 +191,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.compile:
         from leapdecode.loading import with_compiled_passes
 
-        target = with_compiled_passes(target)
-        draft = with_compiled_passes(draft) if draft is not None else None
+        target = with_compiled_passes(target, progress=not args.no_progress)
+        draft = with_compiled_passes(draft, progress=not args.no_progress) if draft is not None else None
     text_only = {s.name for s in all_methods() if not s.same_tokenizer}  # their drafts cross as text
     if draft is not None and any(needs_draft(m) and split_variant(m)[0] not in text_only for m in methods):
         from leapdecode.loading import check_draft_compatible

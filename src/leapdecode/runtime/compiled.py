@@ -105,6 +105,9 @@ class CompiledPasses:
         if position_ids is None:
             past = cache.get_seq_length()
             position_ids = torch.arange(past, past + width, device=input_ids.device).unsqueeze(0).expand(batch, -1)
+        # fresh contiguous inputs: a slice's strides or storage offset would be a reason to compile anew
+        input_ids = input_ids.clone(memory_format=torch.contiguous_format)
+        position_ids = position_ids.clone(memory_format=torch.contiguous_format)
         for dim, size in enumerate((batch, width)):  # sizes other than 1 share one graph
             if size > 1:
                 torch._dynamo.mark_dynamic(input_ids, dim)
@@ -126,6 +129,17 @@ class CompiledPasses:
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         return PassOutput(logits, hidden)
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile (or read back from inductor's disk cache) the two graphs decoding uses: width 1 and wider."""
+        from .cache import GrowingCache
+
+        cache, vocab = GrowingCache(), self.model.config.get_text_config().vocab_size
+        ids = torch.arange(7).remainder(vocab).unsqueeze(0).to(next(self.model.parameters()).device)
+        self(input_ids=ids[:, :4], cache=cache, logits_to_keep=1, **{attention.PROMPT_PASS: True})
+        self(input_ids=ids[:, 4:5], cache=cache)
+        self(input_ids=ids[:, 5:7], cache=cache)
 
     def get_decoder(self):
         return self._decode
