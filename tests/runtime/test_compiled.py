@@ -130,3 +130,25 @@ def test_layer_skipping_refuses_a_compiled_model():
 
     with pytest.raises(InvalidSettingError, match="without --compile"):
         Decoder(compiled_model("llama"), "self-spec", skip_layers="1").generate([1, 2, 3], max_new_tokens=4)
+
+
+def test_a_mode_without_exact_passes_is_refused():
+    from leapdecode.errors import InvalidSettingError
+    from leapdecode.loading import with_compiled_passes
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB, 1), attn_implementation="sdpa").eval()
+    loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer(VOCAB), name="tiny-fp32", context_length=512,
+                         runtime=apply_runtime(model, Weights.FP32))
+    with pytest.raises(InvalidSettingError, match="int4 or int8"):
+        with_compiled_passes(loaded, progress=False)
+
+
+def test_compile_flag_on_the_decoding_commands_only():
+    from leapdecode.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["generate", "hi", "--compile"]).compile
+    assert parser.parse_args(["bench", "--out", "x", "--compile"]).compile
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--compile"])
