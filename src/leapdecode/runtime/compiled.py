@@ -16,7 +16,9 @@ CausalLM ──► CompiledPasses(input_ids, position_ids, cache, 4-D mask)
              cache (the same row-invariant routine as the eager runtime), returns the rows' outputs
 ```
 Two graphs serve every pass of a sequence batch: width 1 (decoding steps) and any width >= 2 (chains, trees,
-with the tree's ancestor mask taken from the context), each compiled on first use (about a minute for
+with the tree's ancestor mask taken from the context), both returning the hidden states too (one graph whether
+or not a drafter reads them: a graph without those outputs could fuse, and round, differently), each compiled
+on first use (about a minute for
 SmolLM2-135M on two cores, then read from inductor's on-disk cache in later processes). Inductor's fused
 kernels compute each row the same way whatever the number of rows, so a token's logits are bitwise identical
 alone, in a chain and in a tree (tests/runtime/test_compiled.py); they are not bitwise equal to the eager
@@ -61,10 +63,12 @@ def check_supported(model: torch.nn.Module) -> None:
         raise CompilationError("compiled passes do not support attention logit soft-capping; run without --compile")
 
 
-def _logits_pass(model, input_ids, position_ids, hidden: bool):
+def _logits_pass(model, input_ids, position_ids):
+    # Always with the hidden states: a graph without them would be another graph, whose fused kernels may round
+    # differently, and a method whose drafter reads them (hydra) must see the logits `ar` sees.
     out = model(input_ids=input_ids, position_ids=position_ids, cache=None, use_cache=False,
-                output_hidden_states=hidden)
-    return out.logits, (tuple(out.hidden_states) if hidden else None)
+                output_hidden_states=True)
+    return out.logits, tuple(out.hidden_states)
 
 
 def _decoder_pass(model, input_ids, position_ids):
@@ -95,6 +99,12 @@ class CompiledPasses:
     def __init__(self, model: torch.nn.Module):
         check_supported(model)
         self.model = model
+        # one eager pass asking for hidden states first: transformers installs the hooks that collect them on
+        # the first such call, which must not happen while a graph is being traced
+        with torch.inference_mode():
+            device = next(model.parameters()).device
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False,
+                  output_hidden_states=True)
         self._logits = _compiled_copy(_logits_pass)
         self._decoder = _compiled_copy(_decoder_pass)
 
@@ -124,11 +134,10 @@ class CompiledPasses:
             out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep,
                              output_hidden_states=output_hidden_states, **kwargs)
             return PassOutput(out.logits, out.hidden_states if output_hidden_states else None)
-        logits, hidden = self._run(self._logits, input_ids, cache, position_ids, attention_mask,
-                                   bool(output_hidden_states))
+        logits, hidden = self._run(self._logits, input_ids, cache, position_ids, attention_mask)
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
-        return PassOutput(logits, hidden)
+        return PassOutput(logits, hidden if output_hidden_states else None)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -144,6 +153,8 @@ class CompiledPasses:
     def get_decoder(self):
         return self._decode
 
+    # The decoder-only graph serves draft models' draft-vocabulary passes (`CausalLM.forward_hidden`), whose
+    # numbers only shape proposals; a target never mixes it with the logits graph.
     def _decode(self, *, input_ids, cache, use_cache=True, position_ids=None, attention_mask=None) -> PassOutput:
         return PassOutput(last_hidden_state=self._run(self._decoder, input_ids, cache, position_ids,
                                                       attention_mask))
