@@ -165,7 +165,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
           "compressed cache gives the tokens ar gives on that cache")
     print("lossless is bitwise under --weights int4 (the CPU default) and int8, whose passes are row-invariant; "
           "under --weights bf16 or fp32 it means identical up to floating-point noise (a near-tie may break "
-          "differently in a pass of another shape; the bench counts identical outputs)")
+          "differently in a pass of another shape; the bench counts identical outputs); --compile keeps it "
+          "bitwise (every pass of a model through the same compiled graphs)")
     return 0
 
 
