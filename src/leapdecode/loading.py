@@ -541,10 +541,14 @@ def with_compiled_passes(loaded: LoadedModel, progress: bool = True) -> LoadedMo
         passes = compiled.enable(loaded.model)
     except compiled.CompilationError as exc:
         raise InvalidSettingError(str(exc)) from None
-    _note(progress, f"compiling the passes of {loaded.name} (first time: a few minutes; then read from disk)")
+    _note(progress, f"compiling the passes of {loaded.name} (first time: minutes; then read from disk)")
     start = time.perf_counter()
-    passes.warm_up()
-    _note(progress, f"compiled passes ready in {time.perf_counter() - start:.0f} s")
+    if not passes.warm_up():
+        compiled.disable(loaded.model)
+        raise InvalidSettingError(f"the compiled passes of {loaded.name} are not row-invariant on this machine (a "
+                                  "token's logits differ between a one-token pass and a chain), so lossless "
+                                  "methods would not be exact: run without --compile")
+    _note(progress, f"compiled passes ready and checked row-invariant in {time.perf_counter() - start:.0f} s")
     return dataclasses.replace(loaded, runtime=dataclasses.replace(loaded.runtime, compiled=True))
 
 

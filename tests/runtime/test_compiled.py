@@ -152,3 +152,19 @@ def test_compile_flag_on_the_decoding_commands_only():
     assert parser.parse_args(["bench", "--out", "x", "--compile"]).compile
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--compile"])
+
+
+def test_loading_checks_the_compiled_passes_and_refuses_disagreeing_graphs(monkeypatch):
+    from leapdecode.errors import InvalidSettingError
+    from leapdecode.loading import with_compiled_passes
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB, 1), attn_implementation="sdpa").eval()
+    loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer(VOCAB), name="tiny-probe", context_length=512,
+                         runtime=apply_runtime(model, Weights.INT4))
+    assert with_compiled_passes(loaded, progress=False).runtime.compiled  # the real graphs agree
+    compiled.disable(model)
+    monkeypatch.setattr(compiled.CompiledPasses, "warm_up", lambda self: False)  # as if they did not
+    with pytest.raises(InvalidSettingError, match="not row-invariant"):
+        with_compiled_passes(loaded, progress=False)
+    assert compiled.passes_for(model) is None  # and the model is left eager
