@@ -19,6 +19,7 @@ from leapdecode.runtime import compiled
 from leapdecode.runtime.convert import Weights, apply_runtime
 from leapdecode.tree import DraftTree
 from test_exactness import random_prompts
+from test_invariance import _path
 
 VOCAB = 64
 COMPILED_ARCHS = ("llama", "qwen2")
@@ -42,14 +43,6 @@ def _after_prompt(model, context: list[int]) -> CausalLM:
     lm = CausalLM(model)
     lm.forward(torch.tensor([context[:-1]]), prompt=True)
     return lm
-
-
-def _path(parents, node):
-    out = []
-    while node >= 0:
-        out.append(node)
-        node = parents[node]
-    return out[::-1]
 
 
 tokens = st.integers(0, VOCAB - 1)
