@@ -21,9 +21,9 @@ def add_model_arguments(p: argparse.ArgumentParser, compile: bool = False) -> No
                    "bf16, or fp32 (the float32 reference, identical only up to floating-point noise)")
     if compile:
         p.add_argument("--compile", action="store_true",
-                       help="run the passes as compiled graphs (int4/int8; faster passes after about a minute of "
-                       "compiling per pass shape on first use, cached on disk; not for models with sliding-window "
-                       "layers)")
+                       help="run the passes as compiled graphs (int4/int8): faster passes after minutes of "
+                       "compiling at load the first time (then read from disk); refused for models with "
+                       "sliding-window layers and for models whose graphs fail the load-time exactness check")
 
 
 @dataclass(frozen=True)

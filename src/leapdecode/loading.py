@@ -479,7 +479,7 @@ def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device:
     kept as they are), `int8`, `bf16`, or `fp32` (the float32 reference). Every mode but fp32 computes
     row-invariant passes, which makes lossless methods bitwise identical to plain decoding.
     `compile`: run the passes of single-sequence decoding as compiled graphs (runtime/compiled.py; int4/int8
-    only; each pass shape compiles on first use, about a minute, cached on disk for later processes).
+    only; compiled and checked row-invariant here, minutes the first time, then read from inductor's disk cache).
 
     Raises ModelNotFoundError (one line, saying what was tried) when nothing matches, and for a preset
     whose packages are missing (with the pip command that installs them).
@@ -537,10 +537,7 @@ def with_compiled_passes(loaded: LoadedModel, progress: bool = True) -> LoadedMo
     first generation's timing is not the compiler's."""
     if not loaded.runtime.exact:
         raise InvalidSettingError(_NOT_COMPILABLE.format(loaded.runtime.weights.value))
-    try:
-        passes = compiled.enable(loaded.model)
-    except compiled.CompilationError as exc:
-        raise InvalidSettingError(str(exc)) from None
+    passes = compiled.enable(loaded.model)  # CompilationError: an InvalidSettingError saying why not
     _note(progress, f"compiling the passes of {loaded.name} (first time: minutes; then read from disk)")
     start = time.perf_counter()
     if not passes.warm_up():

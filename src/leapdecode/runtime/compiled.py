@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InvalidSettingError
 from . import attention
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class PassOutput:
     last_hidden_state: torch.Tensor | None = None
 
 
-class CompilationError(ValueError):
+class CompilationError(InvalidSettingError):
     """The model cannot take compiled passes (said in one line)."""
 
 
