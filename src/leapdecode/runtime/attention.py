@@ -6,20 +6,22 @@ mask builder under the same name in `AttentionMaskInterface`), selected with `mo
 Fused attention kernels split their work by the shape of the whole call (how many query rows, how many keys,
 which of them are masked), so the same token scored alone, as the k-th token of a chain, as a tree node or as one
 row of a ragged batch gets logits that differ in the last bits; after bf16 rounding that can flip an argmax and
-make "speculative output equals plain output" fail. Here every query row is computed by the same call a
-one-token decoding step makes: its query heads packed per key/value head (G = heads / kv heads rows), against
-exactly its visible keys, in cache order:
+make "speculative output equals plain output" fail. Here every query row is computed by a routine whose
+operations depend only on that row's visible keys, in cache order:
 
 ```
-row (b, i) ──► visible keys of row i (from the mask, or causal when there is none)
-           ──► contiguous range: a view of the key/value tensors     (chains, decoding, prompts)
-               anything else:    the visible columns gathered        (tree nodes: prefix + ancestors)
-           ──► softmax(q k^T * scale) v with q (Hkv, G, D), k, v (Hkv, n, D)          ──► row i's output
+row (b, i) ──► visible keys of row i (from the mask, or causal when there is none), built once per pass
+           ──► C++ kernel (kernels/row_attention.cpp, native.py): every row in one call, a fixed sequence of
+               float32 operations per row (explicit fmas, sums in 16 lanes added by a fixed tree), the keys all
+               rows share (the cache before the pass) read once for all of them, split between threads by
+               (sequence, key/value head)
+           ──► or, where no C++ compiler is available, the Python routine: per row, the call a one-token step
+               makes, softmax(q k^T * scale) v with q (Hkv, G, D) against exactly its keys (slower)
 ```
-A one-token step is the same call with n = every key, so the results are bitwise equal whatever the pass looks
-like (the property tests in tests/runtime/test_invariance.py check it). The visible-key plan is built once per
-mask and reused by every layer of the pass. The one exception is a prompt fed alone into an empty cache
-(`PROMPT_PASS`), which every sequence gets the same way: it takes transformers' fused SDPA.
+One process uses one of the two for every pass (`native.kernels()` decides once), so a token's output is bitwise
+equal alone, in a chain, as a tree node or as a batch row (tests/runtime/test_invariance.py, test_native.py).
+The one exception is a prompt fed alone into an empty cache (`PROMPT_PASS`), which every sequence gets the same
+way: it takes transformers' fused SDPA.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
+
+from . import native
 
 EXACT_ATTENTION = "leapdecode_exact"
 # Keyword a caller passes to the model's forward for a prompt fed into an empty cache (`CausalLM.forward`'s
@@ -49,19 +53,46 @@ class RowKeys:
     columns: torch.Tensor | None = None  # (n,) long, set when the visible keys are not contiguous
 
 
+@dataclass(frozen=True)
+class KeyLists:
+    """Every row's visible keys as the C++ kernel takes them (row r = batch * q + query): the range
+    [start[r], stop[r]), or, when `col_ptr` is not empty, columns[col_ptr[r]:col_ptr[r + 1]]."""
+
+    start: torch.Tensor
+    stop: torch.Tensor
+    col_ptr: torch.Tensor
+    columns: torch.Tensor
+
+
+_NONE = torch.empty(0, dtype=torch.long)
+
+
+def key_lists(mask: torch.Tensor | None, batch: int, q: int, kv: int) -> KeyLists:
+    if mask is None:  # causal, the queries being the last q keys
+        stop = torch.arange(kv - q + 1, kv + 1).repeat(batch)
+        return KeyLists(torch.zeros_like(stop), stop, _NONE, _NONE)
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    visible = visible[:, 0].expand(batch, q, kv).reshape(batch * q, kv).cpu()
+    counts = visible.sum(-1)
+    col_ptr = torch.zeros(batch * q + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=col_ptr[1:])
+    columns = visible.nonzero()[:, 1].contiguous()  # row-major: each row's columns in cache order
+    return KeyLists(torch.zeros_like(counts), counts, col_ptr, columns)
+
+
 class _PlanCache:
     """The last plan built, keyed by the mask tensor it came from (one pass reuses it in every layer)."""
 
     def __init__(self):
         self.mask: torch.Tensor | None = None
         self.shape: tuple = ()
-        self.plan: list[RowKeys] = []
+        self.plan = None
 
-    def get(self, mask: torch.Tensor | None, batch: int, q: int, kv: int) -> list[RowKeys]:
+    def get(self, mask: torch.Tensor | None, batch: int, q: int, kv: int, build):
         shape = (batch, q, kv)
-        if self.plan and self.shape == shape and self.mask is mask:
+        if self.plan is not None and self.shape == shape and self.mask is mask:
             return self.plan
-        self.plan = _plan(mask, batch, q, kv)
+        self.plan = build(mask, batch, q, kv)
         self.mask, self.shape = mask, shape
         return self.plan
 
@@ -102,8 +133,15 @@ def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     group = heads // kv_heads
     layer_kind = "sliding" if kwargs.get("sliding_window") else "full"
+    kernels = native.kernels() if query.device.type == "cpu" and query.dtype == torch.float32 else None
+    if kernels is not None:
+        caches = _PLANS.__dict__.setdefault("native", {})
+        lists = caches.setdefault(layer_kind, _PlanCache()).get(attention_mask, batch, q, kv, key_lists)
+        scale = scaling if scaling is not None else dim ** -0.5
+        return kernels.row_attention(query, key, value, lists.start, lists.stop, lists.col_ptr, lists.columns,
+                                     float(scale)), None
     caches = _PLANS.__dict__.setdefault("by_kind", {})
-    plan = caches.setdefault(layer_kind, _PlanCache()).get(attention_mask, batch, q, kv)
+    plan = caches.setdefault(layer_kind, _PlanCache()).get(attention_mask, batch, q, kv, _plan)
     if batch == 1 and q == 1 and plan[0].columns is None and plan[0].start == 0 and plan[0].stop == kv:
         # a one-token decoding step over the whole cache: the same call as below, without the bookkeeping
         row = _one_row(query[0, :, 0].reshape(kv_heads, group, dim), key[0], value[0], scaling)
@@ -172,7 +210,9 @@ def attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, valu
 
 
 def register() -> str:
-    """Register the exact attention (idempotent); returns the name to pass to `set_attn_implementation`."""
+    """Register the exact attention (idempotent); returns the name to pass to `set_attn_implementation`.
+    Builds (or loads) the C++ kernel now, while the model loads, rather than in the first pass."""
+    native.kernels()
     AttentionInterface.register(EXACT_ATTENTION, exact_attention)
     AttentionMaskInterface.register(EXACT_ATTENTION, sdpa_mask)
     return EXACT_ATTENTION
