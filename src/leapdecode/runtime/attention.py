@@ -34,6 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from . import native
+from .cache import GrowingCache
 
 EXACT_ATTENTION = "leapdecode_exact"
 # Keyword a caller passes to the model's forward for a prompt fed into an empty cache (`CausalLM.forward`'s
@@ -177,36 +178,59 @@ _ATTENTION_OP = "leapdecode::cached_attention"
 
 
 class _PassContext(threading.local):
-    """The cache and tree mask of the compiled pass in flight (read by the attention op)."""
+    """The cache and tree mask of the compiled pass in flight (read by the attention op), and its rows' key
+    lists for the C++ kernel (the same in every layer, built once per pass by `begin_pass`)."""
 
     cache = None
     mask: torch.Tensor | None = None
+    lists: KeyLists | None = None
+
+    def begin_pass(self, cache, mask: torch.Tensor | None, batch: int, width: int, past: int) -> None:
+        self.cache, self.mask = cache, mask
+        self.lists = key_lists(mask, batch, width, past + width) if native.kernels() is not None else None
+
+    def end_pass(self) -> None:
+        self.cache = self.mask = self.lists = None
 
 
 PASS_CONTEXT = _PassContext()
 
 
-@torch.library.custom_op(_ATTENTION_OP, mutates_args=())
 def cached_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
                      scaling: float) -> torch.Tensor:
     """query (B, H, q, D), the pass's new key/value rows (B, Hkv, q, D): append them to the context's cache
     at decoder layer `layer`, then attend over the whole cache; returns (B, q, H, D)."""
-    keys, values = PASS_CONTEXT.cache.update(key, value, layer)
+    cache = PASS_CONTEXT.cache
+    if isinstance(cache, GrowingCache):  # the runtime's own cache: the append without transformers' bookkeeping
+        keys, values = cache.append(key, value, layer)
+    else:
+        keys, values = cache.update(key, value, layer)
+    lists = PASS_CONTEXT.lists
+    if lists is not None and query.dtype == torch.float32 and query.device.type == "cpu":
+        return native.kernels().row_attention(query, keys, values, lists.start, lists.stop, lists.col_ptr,
+                                              lists.columns, scaling)
     out, _ = exact_attention(None, query, keys, values, PASS_CONTEXT.mask, scaling=scaling)
     return out.contiguous()
 
 
-@cached_attention.register_fake
 def _cached_attention_shape(query, key, value, layer, scaling):
     batch, heads, q, _ = query.shape
     return query.new_empty(batch, q, heads, value.shape[-1])
+
+
+# Defined with torch.library's plain `Library` rather than the `custom_op` decorator, whose Python wrapper (alias
+# checks on every call) cost about 15 us a call, 30 calls a pass.
+_LIBRARY = torch.library.Library("leapdecode", "DEF")
+_LIBRARY.define("cached_attention(Tensor query, Tensor key, Tensor value, int layer, float scaling) -> Tensor")
+_LIBRARY.impl("cached_attention", cached_attention, "CompositeExplicitAutograd")
+torch.library.register_fake(_ATTENTION_OP, _cached_attention_shape, lib=_LIBRARY)
 
 
 def attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
            scaling: float | None) -> torch.Tensor:
     """What `attention.exact_attention` does while a graph is being compiled: one opaque attention op."""
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
-    return cached_attention(query, key, value, int(module.layer_idx), scale)
+    return torch.ops.leapdecode.cached_attention(query, key, value, int(module.layer_idx), scale)
 
 
 def register() -> str:

@@ -24,7 +24,7 @@ class _Buffer:
         self.length = 0
 
     def view(self) -> torch.Tensor | None:
-        return None if self.data is None else self.data[..., :self.length, :]
+        return None if self.data is None else self.data.narrow(-2, 0, self.length)
 
     def _reserve(self, like: torch.Tensor, needed: int) -> None:
         data = self.data
@@ -58,11 +58,12 @@ class _Buffer:
         self.length = t.shape[-2]
 
     def append(self, new: torch.Tensor) -> torch.Tensor:
-        end = self.length + new.shape[-2]
+        added = new.shape[-2]
+        end = self.length + added
         self._reserve(new, end)
-        self.data[..., self.length:end, :] = new
+        self.data.narrow(-2, self.length, added).copy_(new)
         self.length = end
-        return self.view()
+        return self.data.narrow(-2, 0, end)
 
 
 class GrowingLayer(DynamicLayer):
@@ -102,3 +103,12 @@ class GrowingCache(DynamicCache):
 
     def __init__(self):
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
+        """`update` for a layer that already holds entries, without transformers' per-call bookkeeping (the
+        compiled passes' attention op calls it once per layer and pass); otherwise `update` itself."""
+        if layer_idx < len(self.layers):
+            layer = self.layers[layer_idx]
+            if layer.is_initialized:
+                return layer._k.append(key_states), layer._v.append(value_states)
+        return self.update(key_states, value_states, layer_idx)

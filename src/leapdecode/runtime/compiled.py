@@ -123,11 +123,11 @@ class CompiledPasses:
             if size > 1:
                 torch._dynamo.mark_dynamic(input_ids, dim)
                 torch._dynamo.mark_dynamic(position_ids, dim)
-        attention.PASS_CONTEXT.cache, attention.PASS_CONTEXT.mask = cache, attention_mask
+        attention.PASS_CONTEXT.begin_pass(cache, attention_mask, batch, width, cache.get_seq_length())
         try:
             return graph(self.model, input_ids, position_ids, *extra)
         finally:
-            attention.PASS_CONTEXT.cache, attention.PASS_CONTEXT.mask = None, None
+            attention.PASS_CONTEXT.end_pass()
 
     def __call__(self, *, input_ids, cache, use_cache=True, logits_to_keep: int = 0, position_ids=None,
                  attention_mask=None, output_hidden_states: bool = False, **kwargs) -> PassOutput:

@@ -158,6 +158,8 @@ struct Query {
 // dimension padded with zeros to a multiple of 16), the partials added in lane_sum's tree, times scale. Two
 // routines compute exactly that: one key at a time (few queries), or sixteen keys transposed (many queries).
 
+constexpr int64_t kTransposeFrom = 8;  // queries sharing the keys from which transposing them pays
+
 // Few queries: each key's chunks loaded once, one 16-lane partial vector per (query, key), reduced 16 keys at a
 // time by lane_sums. Keys key_of(0 .. count-1), count <= 16, scores stored at scores[at ..]. Queries' vectors
 // are padded with zeros to DC chunks (DC: known at compile time, or 0 for the run-time count; same results).
@@ -165,16 +167,19 @@ template <int64_t DC, typename KeyOf>
 inline void score_keys(const Call& c, const float* kbase, int64_t count, KeyOf key_of, Query* qs, int64_t nq,
                        int64_t at, const float* zeros) {
   const int64_t dc = DC ? DC : (c.dim + kLanes - 1) / kLanes;
-  for (int64_t i = 0; i < nq; ++i) {
-    v16 dots[kLanes];
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const float* k = l < count ? kbase + key_of(l) * c.ks.seq : zeros;
+  constexpr int64_t kMaxQueries = kTransposeFrom - 1;
+  v16 dots[kMaxQueries][kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) {
+    const float* k = l < count ? kbase + key_of(l) * c.ks.seq : zeros;
+    v16 kv[DC ? DC : kMaxChunks];
+    for (int64_t ch = 0; ch < dc; ++ch) kv[ch] = load(k + ch * kLanes, c.dim - ch * kLanes);
+    for (int64_t i = 0; i < nq; ++i) {  // the queries' chains are independent: they run side by side
       v16 a = {0};
-      for (int64_t ch = 0; ch < dc; ++ch) a = fma(load(qs[i].q + ch * kLanes), load(k + ch * kLanes, c.dim - ch * kLanes), a);
-      dots[l] = a;
+      for (int64_t ch = 0; ch < dc; ++ch) a = fma(load(qs[i].q + ch * kLanes), kv[ch], a);
+      dots[i][l] = a;
     }
-    store(qs[i].scores + at, lane_sums(dots) * c.scale, count);
   }
+  for (int64_t i = 0; i < nq; ++i) store(qs[i].scores + at, lane_sums(dots[i]) * c.scale, count);
 }
 
 // Many queries: the keys transposed into tile (d, lane) once (lanes from count on, and d from dim on, zero), then
@@ -199,8 +204,6 @@ inline void score_transposed(const Call& c, const float* kbase, int64_t count, K
   }
 }
 
-constexpr int64_t kTransposeFrom = 8;  // queries sharing the keys from which transposing them pays
-
 template <int64_t DC, typename KeyOf>
 inline void score(const Call& c, const float* kbase, int64_t count, KeyOf key_of, Query* qs, int64_t nq,
                   int64_t at, float* tile, const float* zeros) {
@@ -211,10 +214,15 @@ inline void score(const Call& c, const float* kbase, int64_t count, KeyOf key_of
 // Softmax numerators e_j = exp(s_j - max) in place, their sum in 16 lanes (padding adds exact zeros).
 inline void softmax(Query& qq) {
   float* s = qq.scores;
-  float m = s[0];
-  for (int64_t j = 1; j < qq.n; ++j) m = s[j] > m ? s[j] : m;
-  const v16 mv = splat(m);
   const int64_t padded = (qq.n + kLanes - 1) / kLanes * kLanes;
+  v16 top = load(s);  // the maximum is exact in any order (the padding is -inf)
+  for (int64_t j0 = kLanes; j0 < padded; j0 += kLanes) {
+    const v16 x = load(s + j0);
+    top = x > top ? x : top;
+  }
+  float m = top[0];
+  for (int l = 1; l < kLanes; ++l) m = top[l] > m ? top[l] : m;
+  const v16 mv = splat(m);
   v16 sum = {0};
   for (int64_t j0 = 0; j0 < padded; j0 += kLanes) {
     const v16 e = exp_nonpositive(load(s + j0) - mv);
