@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,10 +14,22 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from conftest import ARCHITECTURES, tiny_config
 from leapdecode.masks import attention_masks
+from leapdecode.runtime import native
 from leapdecode.runtime.convert import Weights, apply_runtime
 
 VOCAB = 64
 EXACT_MODES = [w.value for w in Weights if w.exact]
+
+
+@pytest.fixture(autouse=True, scope="module", params=["kernel", "python"])
+def attention_routine(request):
+    """Every test twice: with the C++ kernel, and with the Python routine that serves where it cannot be built."""
+    kernels = native.kernels()
+    if request.param == "kernel" and kernels is None:
+        pytest.skip("the C++ kernel could not be built here")
+    native._STATE["module"] = kernels if request.param == "kernel" else None
+    yield request.param
+    native._STATE["module"] = kernels
 
 
 @functools.lru_cache(maxsize=None)
