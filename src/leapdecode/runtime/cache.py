@@ -92,6 +92,10 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        return self.append(key_states, value_states)
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Write the new entries after the ones held (the layer is initialized); returns the whole views."""
         return self._k.append(key_states), self._v.append(value_states)
 
     def get_seq_length(self) -> int:
@@ -110,5 +114,5 @@ class GrowingCache(DynamicCache):
         if layer_idx < len(self.layers):
             layer = self.layers[layer_idx]
             if layer.is_initialized:
-                return layer._k.append(key_states), layer._v.append(value_states)
+                return layer.append(key_states, value_states)
         return self.update(key_states, value_states, layer_idx)
