@@ -311,7 +311,7 @@ void attend(const Call& c, int64_t b, int64_t h, int64_t r0, int64_t r1, Scratch
   if (w.queries.empty()) return;
   w.scores.resize(size);
   w.tile.resize((c.dim + kLanes - 1) / kLanes * kLanes * kLanes);
-  w.zeros.assign(c.dim, 0.0f);
+  w.zeros.assign(std::max(c.dim, prefix), 0.0f);  // a zero key (scores) and zero weights (values)
   const int64_t qdim = (c.dim + kLanes - 1) / kLanes * kLanes;
   w.padded_q.assign(w.queries.size() * qdim, 0.0f);
   for (size_t i = 0; i < w.queries.size(); ++i) {  // each query's vector, padded with zeros to whole chunks
@@ -341,7 +341,6 @@ void attend(const Call& c, int64_t b, int64_t h, int64_t r0, int64_t r1, Scratch
     for (int64_t j = qs[i].n; j < padded; ++j) qs[i].scores[j] = -std::numeric_limits<float>::infinity();
     softmax(qs[i]);
   }
-  w.zeros.assign(std::max(c.dim, prefix), 0.0f);
   weigh_values<VC>(c, vbase, qs, nq, prefix, w.zeros.data());
 }
 
