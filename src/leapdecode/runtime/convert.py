@@ -8,7 +8,7 @@ position ids are transformers' own.
 | `weights` | linear layers | embedding | attention | exact (row-invariant) |
 | --- | --- | --- | --- | --- |
 | `int4` (CPU default) | a GGUF's 4-bit blocks as they are (Q4_0/Q4_1/Q4_K), its higher-precision tensors as 8-bit groups (Q8_0 exactly); other checkpoints quantized to int4 groups of 32 | int8 per 32 values (Q8_0 exactly) | exact | yes |
-| `int8` | 8-bit codes per group of 32 (symmetric), computed as two int4 passes | int8 per 32 values | exact | yes |
+| `int8` | 8-bit codes per group of 32 (symmetric) | int8 per 32 values | exact | yes |
 | `bf16` | dense bf16 (oneDNN/MKL) | unchanged | SDPA | no: bf16 matmuls are not row-invariant |
 | `fp32` (reference) | dense float32 (MKL) | unchanged | SDPA | no: identical up to floating-point noise |
 
@@ -124,7 +124,7 @@ def _int4_from_gguf(tensor, hf_weight: torch.Tensor, order: np.ndarray | None) -
     if dense.shape != tuple(hf_weight.shape) or not np.array_equal(dense, hf_weight.float().numpy()):
         return None  # not the tensor the model holds: quantize from the model's weight instead
     codes = grouped_codes(kind, np.ascontiguousarray(raw), dense)
-    return Int4Linear(codes.codes, codes.scales, codes.zeros)
+    return Int4Linear(codes.codes, codes.scales, codes.minimums)
 
 
 # ----- the swap ---------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def _linear_for(name: str, linear: nn.Linear, weights: Weights, gguf: GGUFTensor
     if not Int4Linear.supports(*w.shape):
         return Int8Linear.from_float(w, b), "int8 per row"
     if weights is Weights.INT8:
-        return Int8GroupLinear.from_float(w, b), "8-bit groups (two int4 passes)"
+        return Int8GroupLinear.from_float(w, b), "8-bit groups"
     tensor = gguf.find(name) if gguf is not None else None
     if tensor is None:
         return Int4Linear.from_float(w, b), "int4 quantized on load"
@@ -153,8 +153,8 @@ def _linear_for(name: str, linear: nn.Linear, weights: Weights, gguf: GGUFTensor
         module = Int8GroupLinear.from_q8_0(blocks.codes, blocks.scales, b)
         rebuilt = (blocks.codes.float().reshape(w.shape[0], -1, 32) * blocks.scales.unsqueeze(-1)).reshape(w.shape)
         if torch.equal(rebuilt, w.float()):
-            return module, "8-bit groups (two int4 passes) from GGUF Q8_0"
-    return Int8GroupLinear.from_float(w, b), f"8-bit groups (two int4 passes) from GGUF {kind}"
+            return module, "8-bit groups from GGUF Q8_0"
+    return Int8GroupLinear.from_float(w, b), f"8-bit groups from GGUF {kind}"
 
 
 def _embedding_for(name: str, emb: nn.Embedding, gguf: GGUFTensors | None) -> tuple[nn.Module, str]:

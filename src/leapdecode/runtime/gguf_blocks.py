@@ -9,7 +9,7 @@ GGUF 4-bit types store, per group of 32 weights of a row, a scale and a minimum 
 | Q4_1 | 32 values: fp16 d, fp16 m, 16 bytes of codes | d | m |
 | Q4_K | 256 values: fp16 d, fp16 dmin, 12 bytes of 6-bit (sc, m) for 8 groups, 128 bytes of codes | d * sc | -dmin * m |
 
-torch's int4 kernel computes `(q - 8) * scale + zero`, so zero = minimum + 8 * scale and the codes are the same.
+The runtime's group modules hold exactly this form (code, scale, minimum), so nothing is rounded.
 The codes are recovered from gguf's own dequantized values (q = round((w - minimum) / scale)), which keeps this
 module independent of each type's nibble order, and checked against them. Q8_0 blocks (fp16 d, 32 int8 codes)
 map exactly onto `QuantEmbedding`. Other types (Q5_x, Q6_K, ...) are returned dequantized.
@@ -26,11 +26,11 @@ FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K")
 
 @dataclass(frozen=True)
 class GroupedCodes:
-    """A (out, in) matrix as 4-bit codes with a scale and zero per group of 32: W = (codes - 8) * scale + zero."""
+    """A (out, in) matrix as 4-bit codes with a scale and minimum per group of 32: W = codes * scale + minimum."""
 
     codes: torch.Tensor  # (out, in) uint8 in [0, 15]
     scales: torch.Tensor  # (out, in / 32) float32
-    zeros: torch.Tensor  # (out, in / 32) float32
+    minimums: torch.Tensor  # (out, in / 32) float32
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def grouped_codes(kind: str, raw: np.ndarray, dense: np.ndarray) -> GroupedCodes
     return GroupedCodes(
         codes=torch.from_numpy(codes.reshape(rows, cols).astype(np.uint8)),
         scales=torch.from_numpy(scale.copy()),
-        zeros=torch.from_numpy((minimum + 8 * scale).astype(np.float32)),
+        minimums=torch.from_numpy(minimum.astype(np.float32)),
     )
 
 

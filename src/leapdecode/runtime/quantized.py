@@ -1,16 +1,19 @@
-"""Quantized modules that run on torch's CPU weight-only kernels, each a drop-in for `nn.Linear`/`nn.Embedding`.
+"""Quantized modules, each a drop-in for `nn.Linear`/`nn.Embedding`.
 
 | module | weight storage | kernel | activations |
 | --- | --- | --- | --- |
-| `Int4Linear` | 4-bit codes in groups of 32 along the input, W = (q - 8) * scale + zero | `_weight_int4pack_mm_for_cpu` | bf16 |
-| `Int8Linear` | int8 codes, one scale per output row, W = q * scale | `_weight_int8pack_mm` | bf16 |
+| `Int4Linear` | 4-bit codes in groups of 32 along the input, W = code * scale + minimum (GGUF Q4_0/Q4_1/Q4_K) | kernels/group_matmul.cpp | int8 per group of 32 |
+| `Int8GroupLinear` | 8-bit codes in groups of 32, W = code * scale + minimum (GGUF Q8_0) | kernels/group_matmul.cpp | int8 per group of 32 |
+| `Int8Linear` | int8 codes, one scale per output row, W = q * scale (shapes the group layout cannot take) | `_weight_int8pack_mm` | bf16 |
 | `BF16Linear` | the dense weight in bf16 | `torch.matmul` | bf16 |
 | `QuantEmbedding` | int8 codes, one scale per 32 values of a row (exactly GGUF's Q8_0) | gather + multiply | float32 |
 
-Every module takes and returns the model's float32 hidden states: the input is rounded to bf16 for the kernel and
-the output widened back, so norms, rotary embeddings, the residual stream and attention stay in float32.
-The int4 and int8 kernels are row-invariant (a row's output does not depend on how many rows share the call),
-which the exact runtime relies on; `tests/runtime/test_quantized.py` checks it.
+Every module takes and returns the model's float32 hidden states, so norms, rotary embeddings, the residual
+stream and attention stay in float32. The group modules quantize their input per group of 32 values to int8
+(scale = max |x| / 127), as llama.cpp does for its quantized matmuls, and compute integer dot products per group:
+exact in any order, so a row's output never depends on the other rows of the call. The other kernels round the
+input to bf16; torch's int8 kernel is row-invariant too, bf16 matmuls are not. `tests/runtime/test_quantized.py`
+checks it.
 
 `weight` is kept for callers that read the dense matrix (trained drafters' heads, draft vocabularies): it is
 dequantized on first use and cached, so a plain decoding run never holds a float32 copy.
@@ -21,6 +24,8 @@ import threading
 
 import torch
 from torch import nn
+
+from . import native
 
 GROUP = 32  # int4 group size along the input dimension (GGUF's block size)
 
@@ -92,8 +97,17 @@ class _QuantLinear(nn.Module):
         self._dense: torch.Tensor | None = None
         self.register_buffer("source_rows", None)  # the first rows of the weight it was made from
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # (R, in) bf16 -> (R, out) bf16
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the kernel takes it: (R, in) rounded to bf16."""
+        return _round_trip(x, self.in_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # (R, in) -> (R, out)
         raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out, in) float32 weight the kernel computes with."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return self._matmul(eye).float().t().contiguous()
 
     def shape_record(self) -> dict:
         """What `placeholder` needs to rebuild this module's empty shell (runtime/stored.py)."""
@@ -116,7 +130,7 @@ class _QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = self._matmul(_round_trip(x, self.in_features)).to(x.dtype)
+        y = self._matmul(self._prepare(x)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -125,31 +139,135 @@ class _QuantLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dense (out, in) float32 weight the kernel computes with (dequantized once, then cached)."""
         if self._dense is None:
-            eye = torch.eye(self.in_features, dtype=torch.bfloat16)
             with torch.no_grad():
-                self._dense = self._matmul(eye).float().t().contiguous()
+                self._dense = self.dense_weight()
         return self._dense
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class Int4Linear(_QuantLinear):
-    """y = x W^T (+ b), W held as 4-bit codes with a bf16 scale and zero per group of 32 inputs."""
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(out, in) codes in [0, 2^bits) -> the kernel's layout (out / 16, in / 32, 256 or 512) uint8: per block of 16
+    output columns and group of 32 inputs, 8 quads of 4 inputs, 64 bytes each (byte 4 * column + i); 4-bit codes
+    two quads to a byte (quad 2p in the low nibble, 2p + 1 in the high one)."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).reshape(n // 16, 16, k // GROUP, 8, 4).permute(0, 2, 3, 1, 4)  # block, group, quad, col, i
+    if bits == 8:
+        return c.reshape(n // 16, k // GROUP, 512).contiguous()
+    return (c[:, :, 0::2] | (c[:, :, 1::2] << 4)).reshape(n // 16, k // GROUP, 256).contiguous()
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack`'s inverse: (out, in) uint8 codes."""
+    blocks, groups, _ = packed.shape
+    if bits == 8:
+        c = packed.reshape(blocks, groups, 8, 16, 4)
+    else:
+        p = packed.reshape(blocks, groups, 4, 1, 16, 4)
+        c = torch.cat([p & 15, p >> 4], dim=3).reshape(blocks, groups, 8, 16, 4)
+    return c.permute(0, 3, 1, 2, 4).reshape(blocks * 16, groups * GROUP)
+
+
+def per_block(values: torch.Tensor) -> torch.Tensor:
+    """(out, in / 32) per-group values -> (out / 16, in / 32, 16), the kernel's order."""
+    n, g = values.shape
+    return values.float().reshape(n // 16, 16, g).permute(0, 2, 1).contiguous()
+
+
+def per_row(values: torch.Tensor) -> torch.Tensor:
+    """`per_block`'s inverse: (out, in / 32)."""
+    blocks, g, _ = values.shape
+    return values.permute(0, 2, 1).reshape(blocks * 16, g)
+
+
+def reference_group_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                           bits: int) -> torch.Tensor:
+    """The bits of kernels/group_matmul.cpp computed with torch operations (its fallback without a compiler, and
+    the tests' reference): activations quantized to int8 per group of 32, integer dot products per group, then
+    five float32 operations per group added in order."""
+    rows, k = x.shape
+    groups = k // GROUP
+    xg = x.float().reshape(rows, groups, GROUP)
+    d = xg.abs().amax(-1) / 127
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    q = torch.where(d.unsqueeze(-1) == 0, 0.0, torch.round(xg / safe.unsqueeze(-1))).clamp(-127, 127)
+    qsum = q.sum(-1)  # small integers: exact in any order
+    w = unpack(codes, bits).float().reshape(-1, groups, GROUP)  # (n, groups, 32)
+    dot = torch.bmm(q.transpose(0, 1), w.permute(1, 2, 0))  # (groups, rows, n); integers below 2^24: exact
+    scale, minimum = per_row(scale), per_row(minimum)
+    out = torch.zeros(rows, w.shape[0])
+    for g in range(groups):
+        t = dot[g] * scale[:, g]
+        t = t + minimum[:, g] * qsum[:, g:g + 1]
+        out = out + t * d[:, g:g + 1]
+    return out
+
+
+def _group_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                  bits: int) -> torch.Tensor:
+    kernels = native.kernels()
+    if kernels is None:
+        return reference_group_matmul(x, codes, scale, minimum, bits)
+    return kernels.group_matmul(x, codes, scale, minimum, bits)
+
+
+def _group_matmul_shape(x, codes, scale, minimum, bits):
+    return x.new_empty(x.shape[0], codes.shape[0] * 16)
+
+
+# An opaque op for compiled graphs (the eager path calls the kernel directly, without the dispatcher).
+_LIBRARY = torch.library.Library("leapdecode", "FRAGMENT")
+_LIBRARY.define("group_matmul(Tensor x, Tensor codes, Tensor scale, Tensor minimum, int bits) -> Tensor")
+_LIBRARY.impl("group_matmul", _group_matmul, "CompositeExplicitAutograd")
+torch.library.register_fake("leapdecode::group_matmul", _group_matmul_shape, lib=_LIBRARY)
+
+
+class GroupLinear(_QuantLinear):
+    """y = x W^T (+ b), W held as `BITS`-bit codes with a float32 scale and minimum per group of 32 inputs,
+    W = code * scale + minimum (GGUF's 4-bit types and Q8_0 exactly), computed by kernels/group_matmul.cpp with
+    the activations quantized to int8 per group of 32 (as llama.cpp does): integer dot products, row-invariant."""
+
+    BITS = 4
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor,
                  bias: torch.Tensor | None = None):
-        """codes (out, in) integers in [0, 15]; scales, zeros (out, in / 32): W = (codes - 8) * scale + zero."""
+        """codes (out, in) integers in [0, 2^BITS); scales, minimums (out, in / 32): W = codes * scale + minimum."""
         out_features, in_features = codes.shape
         super().__init__(in_features, out_features, bias)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-        self.register_buffer("packed", packed)  # (out, in / 2) uint8
-        sz = torch.stack([scales.float().t(), zeros.float().t()], dim=-1)  # (in / 32, out, 2)
-        self.register_buffer("scales_zeros", sz.to(torch.bfloat16).contiguous())
+        self.register_buffer("codes", pack(codes, self.BITS))
+        self.register_buffer("scale", per_block(scales))
+        self.register_buffer("minimum", per_block(minimums))
 
     @classmethod
     def supports(cls, out_features: int, in_features: int) -> bool:
         return out_features % 16 == 0 and in_features % GROUP == 0
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, self.in_features).float().contiguous()
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.leapdecode.group_matmul(x, self.codes, self.scale, self.minimum, self.BITS)
+        return _group_matmul(x, self.codes, self.scale, self.minimum, self.BITS)
+
+    def dense_weight(self) -> torch.Tensor:
+        groups = self.in_features // GROUP
+        codes = unpack(self.codes, self.BITS).float().reshape(self.out_features, groups, GROUP)
+        w = codes * per_row(self.scale).unsqueeze(-1) + per_row(self.minimum).unsqueeze(-1)
+        return w.reshape(self.out_features, self.in_features)
+
+    def _empty_buffers(self) -> None:
+        blocks, groups = self.out_features // 16, self.in_features // GROUP
+        self.register_buffer("codes", torch.empty(blocks, groups, 32 * self.BITS * 2, dtype=torch.uint8))
+        self.register_buffer("scale", torch.empty(blocks, groups, 16))
+        self.register_buffer("minimum", torch.empty(blocks, groups, 16))
+
+
+class Int4Linear(GroupLinear):
+    """4-bit codes per group of 32 (GGUF Q4_0, Q4_1, Q4_K)."""
+
+    BITS = 4
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int4Linear":
@@ -160,38 +278,19 @@ class Int4Linear(_QuantLinear):
         scale = (hi - lo) / 15
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes = ((groups - lo.unsqueeze(-1)) / safe.unsqueeze(-1)).round().clamp(0, 15)
-        return cls(codes.reshape(w.shape), scale, lo + 8 * scale, bias)
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
-
-    def _empty_buffers(self) -> None:
-        n, k = self.out_features, self.in_features
-        self.register_buffer("packed", torch.empty(n, k // 2, dtype=torch.uint8))
-        self.register_buffer("scales_zeros", torch.empty(k // GROUP, n, 2, dtype=torch.bfloat16))
+        return cls(codes.reshape(w.shape), scale, lo, bias)
 
 
-class Int8GroupLinear(_QuantLinear):
-    """y = x W^T (+ b), W held as 8-bit codes with a scale and minimum per group of 32 inputs, computed as two
-    int4 products on the int4 kernel: codes = 16 hi + lo, W = 16 s hi + s lo + minimum.
+class Int8GroupLinear(GroupLinear):
+    """8-bit codes per group of 32: GGUF's Q8_0 blocks (W = d q, q in [-128, 127]) exactly, as codes q + 128 with
+    minimum -128 d; other higher-precision tensors (Q6_K, Q5_x, F16) are re-quantized to it, an error of 1/254 of a
+    group's largest magnitude."""
 
-    GGUF's Q8_0 blocks (W = d q, q in [-128, 127]) are this layout exactly (s = d, minimum = -128 d); other
-    higher-precision tensors (Q6_K, Q5_x, F16) are re-quantized to it, an error of 1/255 of a group's range.
-    Two int4 passes cost less than the int8 kernel on the CPUs measured (README: runtime).
-    """
-
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor,
-                 bias: torch.Tensor | None = None):
-        """codes (out, in) integers in [0, 255]; scales, minimums (out, in / 32): W = codes * scale + minimum."""
-        out_features, in_features = codes.shape
-        super().__init__(in_features, out_features, bias)
-        codes = codes.to(torch.int32)
-        self.high = Int4Linear(codes >> 4, 16 * scales, minimums + 128 * scales)
-        self.low = Int4Linear(codes & 15, scales, 8 * scales)
+    BITS = 8
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8GroupLinear":
-        """Symmetric per group (like Q8_0): the zeros are then exact in bf16, only the scales are rounded."""
+        """Symmetric per group (like Q8_0)."""
         w = weight.detach().float()
         groups = w.reshape(w.shape[0], -1, GROUP)
         scale = groups.abs().amax(-1) / 127
@@ -203,13 +302,6 @@ class Int8GroupLinear(_QuantLinear):
     def from_q8_0(cls, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
         """GGUF Q8_0: int8 codes (out, in) and their scale per 32 (out, in / 32)."""
         return cls(codes.to(torch.int32) + 128, scales, -128 * scales, bias)
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # float32: the two halves are added unrounded
-        return torch.add(self.high._matmul(x).float(), self.low._matmul(x))  # (the add widens the low half)
-
-    def _empty_buffers(self) -> None:
-        half = {"in": self.in_features, "out": self.out_features, "bias": False}
-        self.high, self.low = Int4Linear.placeholder(half), Int4Linear.placeholder(half)
 
 
 class Int8Linear(_QuantLinear):

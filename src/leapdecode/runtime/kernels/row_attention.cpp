@@ -397,7 +397,3 @@ at::Tensor row_attention(const at::Tensor& query, const at::Tensor& key, const a
   });
   return out;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("row_attention", &row_attention, "row-invariant attention (float32, CPU)");
-}

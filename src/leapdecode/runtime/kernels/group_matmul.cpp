@@ -1,0 +1,209 @@
+// Row-invariant weight-only matmul on the CPU: y = x W^T with W held as 4-bit or 8-bit codes per group of 32
+// inputs (W = code * scale + minimum, GGUF's Q4_0/Q4_1/Q4_K/Q8_0 form) and x quantized per group of 32 to int8.
+//
+// For every row m, output column n and group g:
+//   d[m,g] = max |x[m, g]| / 127        q[m,k] = nearbyint(x[m,k] / d[m,g]) (0 where d is 0)
+//   dot    = sum_k code[n,k] * q[m,k]   (integers: exact in any order)
+//   qsum   = sum_k q[m,k]               (integer)
+//   y[m,n] = y[m,n] + ((float(dot) * scale[n,g] + minimum[n,g] * float(qsum)) * d[m,g])   over g in order
+// The float part is five IEEE operations per group in a fixed order (built with -ffp-contract=off, no fused
+// operations), so a row's output is bitwise the same whatever other rows share the call, however the columns are
+// split between threads, and whichever of the integer routines below the machine runs (AVX-512 VNNI or plain C++).
+// `reference_group_matmul` in quantized.py computes the same bits with torch operations.
+//
+// Weight layout (`pack` in quantized.py): blocks of 16 output columns; per block and group, the codes of the
+// 16 columns x 32 inputs as 8 quads of 4 consecutive inputs, each quad 64 bytes (byte 4 * column + i). 8-bit codes
+// take 512 bytes per block and group; 4-bit codes 256: byte j of pair p holds quad 2p in its low nibble and quad
+// 2p + 1 in its high nibble.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define LEAPDECODE_VNNI 1
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int64_t kCols = 16;
+constexpr int kTile = 8;  // rows computed together (one pass over a block's codes)
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+typedef int32_t i16u __attribute__((vector_size(64), aligned(4)));
+
+inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+
+// Per row and group: the int8 codes of the activations, their scale d and the sum of the codes.
+struct Rows {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<float> qsum;
+};
+
+Rows quantize(const float* x, int64_t rows, int64_t k) {
+  const int64_t groups = k / kGroup;
+  Rows out{std::vector<int8_t>(rows * k), std::vector<float>(rows * groups), std::vector<float>(rows * groups)};
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* xg = x + m * k + g * kGroup;
+      float amax = 0.0f;
+      for (int i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(xg[i]));
+      const float d = amax / 127.0f;
+      int8_t* qg = out.q.data() + m * k + g * kGroup;
+      int32_t sum = 0;
+      for (int i = 0; i < kGroup; ++i) {
+        float v = d == 0.0f ? 0.0f : std::nearbyint(xg[i] / d);
+        v = std::min(127.0f, std::max(-127.0f, v));
+        qg[i] = static_cast<int8_t>(v);
+        sum += qg[i];
+      }
+      out.d[m * groups + g] = d;
+      out.qsum[m * groups + g] = static_cast<float>(sum);
+    }
+  }
+  return out;
+}
+
+// dot[r] (16 columns) for NR rows over one group; codes of the block and group at `w`, activations at xq[r]
+template <int BITS, int NR>
+inline void group_dots(const uint8_t* w, const int8_t* const* xq, i16v* dot) {
+#if defined(LEAPDECODE_VNNI)
+  __m512i acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_si512();
+  if constexpr (BITS == 4) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int p = 0; p < 4; ++p) {
+      const __m512i packed = _mm512_loadu_si512(w + 64 * p);
+      const __m512i a = _mm512_and_si512(packed, low);
+      const __m512i b = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+      for (int r = 0; r < NR; ++r) {
+        int32_t xa, xb;
+        std::memcpy(&xa, xq[r] + 8 * p, 4);
+        std::memcpy(&xb, xq[r] + 8 * p + 4, 4);
+        acc[r] = _mm512_dpbusd_epi32(acc[r], a, _mm512_set1_epi32(xa));
+        acc[r] = _mm512_dpbusd_epi32(acc[r], b, _mm512_set1_epi32(xb));
+      }
+    }
+  } else {
+    for (int quad = 0; quad < 8; ++quad) {
+      const __m512i codes = _mm512_loadu_si512(w + 64 * quad);
+      for (int r = 0; r < NR; ++r) {
+        int32_t xa;
+        std::memcpy(&xa, xq[r] + 4 * quad, 4);
+        acc[r] = _mm512_dpbusd_epi32(acc[r], codes, _mm512_set1_epi32(xa));
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) std::memcpy(&dot[r], &acc[r], 64);
+#else
+  for (int r = 0; r < NR; ++r) {
+    i16v acc = {0};
+    for (int quad = 0; quad < 8; ++quad) {
+      for (int c = 0; c < kCols; ++c) {
+        int32_t s = 0;
+        for (int i = 0; i < 4; ++i) {
+          int32_t code;
+          if constexpr (BITS == 4) {
+            const uint8_t byte = w[64 * (quad / 2) + 4 * c + i];
+            code = (quad % 2 == 0) ? (byte & 0x0F) : (byte >> 4);
+          } else {
+            code = w[64 * quad + 4 * c + i];
+          }
+          s += code * static_cast<int32_t>(xq[r][4 * quad + i]);
+        }
+        acc[c] += s;
+      }
+    }
+    dot[r] = acc;
+  }
+#endif
+}
+
+template <int BITS, int NR>
+void tile(const uint8_t* w, const float* scale, const float* minimum, const Rows& x, int64_t m0, int64_t groups, int64_t k,
+          float* out, int64_t ldo) {
+  constexpr int64_t kBytes = BITS == 4 ? 256 : 512;
+  v16 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = splat(0.0f);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* xq[NR];
+    for (int r = 0; r < NR; ++r) xq[r] = x.q.data() + (m0 + r) * k + g * kGroup;
+    i16v dot[NR];
+    group_dots<BITS, NR>(w + g * kBytes, xq, dot);
+    const v16 s = load(scale + g * kCols);
+    const v16 mn = load(minimum + g * kCols);
+    for (int r = 0; r < NR; ++r) {
+      const int64_t at = (m0 + r) * groups + g;
+      v16 t = __builtin_convertvector(dot[r], v16) * s;
+      t = t + mn * splat(x.qsum[at]);
+      acc[r] = acc[r] + t * splat(x.d[at]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) store(out + (m0 + r) * ldo, acc[r]);
+}
+
+template <int BITS>
+void block(const uint8_t* w, const float* scale, const float* minimum, const Rows& x, int64_t rows, int64_t groups, int64_t k,
+           float* out, int64_t ldo) {
+  int64_t m = 0;
+  for (; m + kTile <= rows; m += kTile) tile<BITS, kTile>(w, scale, minimum, x, m, groups, k, out, ldo);
+  switch (rows - m) {
+    case 7: tile<BITS, 7>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 6: tile<BITS, 6>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 5: tile<BITS, 5>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 4: tile<BITS, 4>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 3: tile<BITS, 3>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 2: tile<BITS, 2>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 1: tile<BITS, 1>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    default: break;
+  }
+}
+
+template <int BITS>
+void run(const uint8_t* codes, const float* scale, const float* minimum, const Rows& x, int64_t rows, int64_t n, int64_t k,
+         float* out) {
+  const int64_t groups = k / kGroup;
+  const int64_t blocks = n / kCols;
+  const int64_t bytes = (BITS == 4 ? 256 : 512) * groups;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      block<BITS>(codes + b * bytes, scale + b * groups * kCols, minimum + b * groups * kCols, x, rows, groups, k,
+                     out + b * kCols, n);
+  });
+}
+
+}  // namespace
+
+// x (rows, k) float32; codes (n / 16, k / 32, 256 or 512) uint8; scale, minimum (n / 16, k / 32, 16) float32
+// -> (rows, n) float32
+at::Tensor group_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                        const at::Tensor& minimum, int64_t bits) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous (rows, k) float32");
+  TORCH_CHECK(codes.dtype() == at::kByte && codes.dim() == 3 && codes.is_contiguous(), "codes: (n/16, k/32, bytes)");
+  TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
+  const int64_t rows = x.size(0), k = x.size(1), n = codes.size(0) * kCols;
+  TORCH_CHECK(codes.size(1) * kGroup == k && codes.size(2) == (bits == 4 ? 256 : 512), "codes do not match x");
+  TORCH_CHECK(scale.sizes() == minimum.sizes() && scale.dtype() == at::kFloat && minimum.dtype() == at::kFloat &&
+                  scale.is_contiguous() &&
+                  minimum.is_contiguous() && scale.numel() == n / kCols * (k / kGroup) * kCols,
+              "scale, minimum: (n/16, k/32, 16)");
+  at::Tensor out = at::empty({rows, n}, x.options());
+  if (rows == 0) return out;
+  const Rows q = quantize(x.data_ptr<float>(), rows, k);
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  const float *s = scale.data_ptr<float>(), *mn = minimum.data_ptr<float>();
+  bits == 4 ? run<4>(c, s, mn, q, rows, n, k, o) : run<8>(c, s, mn, q, rows, n, k, o);
+  return out;
+}
