@@ -64,8 +64,9 @@ def test_codes_are_kept_exactly(bits):
 
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 20), blocks=st.integers(1, 3), groups=st.integers(1, 4), bits=st.sampled_from([4, 8]),
-       zero_group=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_kernel_bits_equal_the_reference_and_rows_are_independent(rows, blocks, groups, bits, zero_group, seed):
+       zero_group=st.booleans(), half=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_kernel_bits_equal_the_reference_and_rows_are_independent(rows, blocks, groups, bits, zero_group, half,
+                                                                   seed):
     """kernels/group_matmul.cpp computes exactly `reference_group_matmul`'s bits, and a row alone gets the bits
     it gets among others (every tile size of the kernel is reached: 1 to 20 rows)."""
     kernels = native.kernels()
@@ -74,7 +75,9 @@ def test_kernel_bits_equal_the_reference_and_rows_are_independent(rows, blocks, 
     g = torch.Generator().manual_seed(seed)
     n, k = 16 * blocks, 32 * groups
     codes = pack(torch.randint(0, 2 ** bits, (n, k), generator=g), bits)
-    scale, minimum = per_block(torch.rand(n, groups, generator=g)), per_block(-torch.rand(n, groups, generator=g))
+    dtype = torch.float16 if half else torch.float32  # float16: GGUF's own scales
+    scale = per_block(torch.rand(n, groups, generator=g), dtype)
+    minimum = per_block(-torch.rand(n, groups, generator=g), dtype)
     x = torch.randn(rows, k, generator=g) * 10 ** torch.randint(-3, 3, (rows, 1), generator=g).float()
     if zero_group:
         x[:, :32] = 0  # a group of zeros: scale 0, codes 0
@@ -82,6 +85,16 @@ def test_kernel_bits_equal_the_reference_and_rows_are_independent(rows, blocks, 
     assert torch.equal(out, reference_group_matmul(x, codes, scale, minimum, bits))
     for i in range(rows):
         assert torch.equal(kernels.group_matmul(x[i:i + 1].contiguous(), codes, scale, minimum, bits), out[i:i + 1])
+
+
+def test_scales_are_float16_when_they_are_float16_numbers():
+    codes = torch.randint(0, 16, (16, 64), generator=torch.Generator().manual_seed(6))
+    exact = Int4Linear(codes, torch.full((16, 2), 0.5), torch.full((16, 2), -1.0))
+    assert exact.scale.dtype == torch.float16
+    assert Int4Linear(codes, torch.full((16, 2), 0.1), torch.full((16, 2), -1.0)).scale.dtype == torch.float32
+    assert Int4Linear.from_float(torch.randn(16, 64)).scale.dtype == torch.float16  # picked from the float16 grid
+    shell = Int4Linear.placeholder(exact.shape_record())
+    assert shell.scale.dtype == torch.float16 and shell.codes.shape == exact.codes.shape
 
 
 def test_kernel_refuses_mismatched_shapes():

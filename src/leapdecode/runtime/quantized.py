@@ -169,10 +169,23 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return c.permute(0, 3, 1, 2, 4).reshape(blocks * 16, groups * GROUP)
 
 
-def per_block(values: torch.Tensor) -> torch.Tensor:
+def per_block(values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(out, in / 32) per-group values -> (out / 16, in / 32, 16), the kernel's order."""
     n, g = values.shape
-    return values.float().reshape(n // 16, 16, g).permute(0, 2, 1).contiguous()
+    return values.to(dtype).reshape(n // 16, 16, g).permute(0, 2, 1).contiguous()
+
+
+def half_exact(*values: torch.Tensor) -> bool:
+    """Whether every value is a float16 number (GGUF's scales are): then they are stored in half the bytes."""
+    return all(torch.equal(v.float().half().float(), v.float()) for v in values)
+
+
+def fp16_grid(values: torch.Tensor) -> torch.Tensor:
+    """Values rounded to float16 where that keeps them normal float16 numbers (quantizing on load picks its
+    scales from this grid, as GGUF does, so they can be stored as float16)."""
+    v = values.float()
+    h = v.half().float()
+    return torch.where(torch.isfinite(h) & ((h.abs() >= 2 ** -14) | (v == 0)), h, v)
 
 
 def per_row(values: torch.Tensor) -> torch.Tensor:
@@ -195,7 +208,7 @@ def reference_group_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Te
     qsum = q.sum(-1)  # small integers: exact in any order
     w = unpack(codes, bits).float().reshape(-1, groups, GROUP)  # (n, groups, 32)
     dot = torch.bmm(q.transpose(0, 1), w.permute(1, 2, 0))  # (groups, rows, n); integers below 2^24: exact
-    scale, minimum = per_row(scale), per_row(minimum)
+    scale, minimum = per_row(scale).float(), per_row(minimum).float()
     out = torch.zeros(rows, w.shape[0])
     for g in range(groups):
         t = dot[g] * scale[:, g]
@@ -224,9 +237,11 @@ torch.library.register_fake("leapdecode::group_matmul", _group_matmul_shape, lib
 
 
 class GroupLinear(_QuantLinear):
-    """y = x W^T (+ b), W held as `BITS`-bit codes with a float32 scale and minimum per group of 32 inputs,
+    """y = x W^T (+ b), W held as `BITS`-bit codes with a scale and minimum per group of 32 inputs,
     W = code * scale + minimum (GGUF's 4-bit types and Q8_0 exactly), computed by kernels/group_matmul.cpp with
-    the activations quantized to int8 per group of 32 (as llama.cpp does): integer dot products, row-invariant."""
+    the activations quantized to int8 per group of 32 (as llama.cpp does): integer dot products, row-invariant.
+    Scales and minimums are stored as float16 when they all are float16 numbers (Q4_0, Q4_1, Q8_0, and layers
+    quantized on load), else as float32 (Q4_K's products of two scales)."""
 
     BITS = 4
 
@@ -235,9 +250,10 @@ class GroupLinear(_QuantLinear):
         """codes (out, in) integers in [0, 2^BITS); scales, minimums (out, in / 32): W = codes * scale + minimum."""
         out_features, in_features = codes.shape
         super().__init__(in_features, out_features, bias)
+        dtype = torch.float16 if half_exact(scales, minimums) else torch.float32
         self.register_buffer("codes", pack(codes, self.BITS))
-        self.register_buffer("scale", per_block(scales))
-        self.register_buffer("minimum", per_block(minimums))
+        self.register_buffer("scale", per_block(scales, dtype))
+        self.register_buffer("minimum", per_block(minimums, dtype))
 
     @classmethod
     def supports(cls, out_features: int, in_features: int) -> bool:
@@ -254,8 +270,18 @@ class GroupLinear(_QuantLinear):
     def dense_weight(self) -> torch.Tensor:
         groups = self.in_features // GROUP
         codes = unpack(self.codes, self.BITS).float().reshape(self.out_features, groups, GROUP)
-        w = codes * per_row(self.scale).unsqueeze(-1) + per_row(self.minimum).unsqueeze(-1)
+        w = codes * per_row(self.scale).float().unsqueeze(-1) + per_row(self.minimum).float().unsqueeze(-1)
         return w.reshape(self.out_features, self.in_features)
+
+    def shape_record(self) -> dict:
+        return {**super().shape_record(), "scale_dtype": str(self.scale.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def placeholder(cls, record: dict) -> "GroupLinear":
+        module = super().placeholder(record)
+        dtype = getattr(torch, record.get("scale_dtype", "float32"))
+        module.scale, module.minimum = module.scale.to(dtype), module.minimum.to(dtype)
+        return module
 
     def _empty_buffers(self) -> None:
         blocks, groups = self.out_features // 16, self.in_features // GROUP
@@ -275,7 +301,8 @@ class Int4Linear(GroupLinear):
         w = weight.detach().float()
         groups = w.reshape(w.shape[0], -1, GROUP)
         lo, hi = groups.amin(-1), groups.amax(-1)
-        scale = (hi - lo) / 15
+        lo = fp16_grid(lo)
+        scale = fp16_grid((hi - lo) / 15)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes = ((groups - lo.unsqueeze(-1)) / safe.unsqueeze(-1)).round().clamp(0, 15)
         return cls(codes.reshape(w.shape), scale, lo, bias)
@@ -293,7 +320,7 @@ class Int8GroupLinear(GroupLinear):
         """Symmetric per group (like Q8_0)."""
         w = weight.detach().float()
         groups = w.reshape(w.shape[0], -1, GROUP)
-        scale = groups.abs().amax(-1) / 127
+        scale = fp16_grid(groups.abs().amax(-1) / 127)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes = (groups / safe.unsqueeze(-1)).round().clamp(-127, 127) + 128
         return cls(codes.reshape(w.shape), scale, -128 * scale, bias)

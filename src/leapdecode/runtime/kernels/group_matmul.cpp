@@ -18,8 +18,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define LEAPDECODE_VNNI 1
 #endif
 
@@ -43,6 +45,19 @@ typedef int32_t i16u __attribute__((vector_size(64), aligned(4)));
 inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+// 16 float16 values widened (exact either way)
+inline v16 load(const at::Half* p) {
+#if defined(__AVX512F__)
+  v16 r;
+  const __m512 wide = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  std::memcpy(&r, &wide, 64);
+  return r;
+#else
+  v16 r;
+  for (int l = 0; l < kCols; ++l) r[l] = static_cast<float>(p[l]);
+  return r;
+#endif
+}
 
 // Per row and group: the int8 codes of the activations, their scale d and the sum of the codes.
 struct Rows {
@@ -130,8 +145,8 @@ inline void group_dots(const uint8_t* w, const int8_t* const* xq, i16v* dot) {
 #endif
 }
 
-template <int BITS, int NR>
-void tile(const uint8_t* w, const float* scale, const float* minimum, const Rows& x, int64_t m0, int64_t groups, int64_t k,
+template <int BITS, typename S, int NR>
+void tile(const uint8_t* w, const S* scale, const S* minimum, const Rows& x, int64_t m0, int64_t groups, int64_t k,
           float* out, int64_t ldo) {
   constexpr int64_t kBytes = BITS == 4 ? 256 : 512;
   v16 acc[NR];
@@ -153,40 +168,40 @@ void tile(const uint8_t* w, const float* scale, const float* minimum, const Rows
   for (int r = 0; r < NR; ++r) store(out + (m0 + r) * ldo, acc[r]);
 }
 
-template <int BITS>
-void block(const uint8_t* w, const float* scale, const float* minimum, const Rows& x, int64_t rows, int64_t groups, int64_t k,
+template <int BITS, typename S>
+void block(const uint8_t* w, const S* scale, const S* minimum, const Rows& x, int64_t rows, int64_t groups, int64_t k,
            float* out, int64_t ldo) {
   int64_t m = 0;
-  for (; m + kTile <= rows; m += kTile) tile<BITS, kTile>(w, scale, minimum, x, m, groups, k, out, ldo);
+  for (; m + kTile <= rows; m += kTile) tile<BITS, S, kTile>(w, scale, minimum, x, m, groups, k, out, ldo);
   switch (rows - m) {
-    case 7: tile<BITS, 7>(w, scale, minimum, x, m, groups, k, out, ldo); break;
-    case 6: tile<BITS, 6>(w, scale, minimum, x, m, groups, k, out, ldo); break;
-    case 5: tile<BITS, 5>(w, scale, minimum, x, m, groups, k, out, ldo); break;
-    case 4: tile<BITS, 4>(w, scale, minimum, x, m, groups, k, out, ldo); break;
-    case 3: tile<BITS, 3>(w, scale, minimum, x, m, groups, k, out, ldo); break;
-    case 2: tile<BITS, 2>(w, scale, minimum, x, m, groups, k, out, ldo); break;
-    case 1: tile<BITS, 1>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 7: tile<BITS, S, 7>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 6: tile<BITS, S, 6>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 5: tile<BITS, S, 5>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 4: tile<BITS, S, 4>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 3: tile<BITS, S, 3>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 2: tile<BITS, S, 2>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 1: tile<BITS, S, 1>(w, scale, minimum, x, m, groups, k, out, ldo); break;
     default: break;
   }
 }
 
-template <int BITS>
-void run(const uint8_t* codes, const float* scale, const float* minimum, const Rows& x, int64_t rows, int64_t n, int64_t k,
+template <int BITS, typename S>
+void run(const uint8_t* codes, const S* scale, const S* minimum, const Rows& x, int64_t rows, int64_t n, int64_t k,
          float* out) {
   const int64_t groups = k / kGroup;
   const int64_t blocks = n / kCols;
   const int64_t bytes = (BITS == 4 ? 256 : 512) * groups;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      block<BITS>(codes + b * bytes, scale + b * groups * kCols, minimum + b * groups * kCols, x, rows, groups, k,
+      block<BITS, S>(codes + b * bytes, scale + b * groups * kCols, minimum + b * groups * kCols, x, rows, groups, k,
                      out + b * kCols, n);
   });
 }
 
 }  // namespace
 
-// x (rows, k) float32; codes (n / 16, k / 32, 256 or 512) uint8; scale, minimum (n / 16, k / 32, 16) float32
-// -> (rows, n) float32
+// x (rows, k) float32; codes (n / 16, k / 32, 256 or 512) uint8; scale, minimum (n / 16, k / 32, 16) float32 or
+// float16 (GGUF's own scales are float16: half the bytes to read) -> (rows, n) float32
 at::Tensor group_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                         const at::Tensor& minimum, int64_t bits) {
   TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous (rows, k) float32");
@@ -194,16 +209,21 @@ at::Tensor group_matmul(const at::Tensor& x, const at::Tensor& codes, const at::
   TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
   const int64_t rows = x.size(0), k = x.size(1), n = codes.size(0) * kCols;
   TORCH_CHECK(codes.size(1) * kGroup == k && codes.size(2) == (bits == 4 ? 256 : 512), "codes do not match x");
-  TORCH_CHECK(scale.sizes() == minimum.sizes() && scale.dtype() == at::kFloat && minimum.dtype() == at::kFloat &&
-                  scale.is_contiguous() &&
+  TORCH_CHECK(scale.sizes() == minimum.sizes() && scale.dtype() == minimum.dtype() &&
+                  (scale.dtype() == at::kFloat || scale.dtype() == at::kHalf) && scale.is_contiguous() &&
                   minimum.is_contiguous() && scale.numel() == n / kCols * (k / kGroup) * kCols,
-              "scale, minimum: (n/16, k/32, 16)");
+              "scale, minimum: (n/16, k/32, 16), both float32 or both float16");
   at::Tensor out = at::empty({rows, n}, x.options());
   if (rows == 0) return out;
   const Rows q = quantize(x.data_ptr<float>(), rows, k);
   const uint8_t* c = codes.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
-  const float *s = scale.data_ptr<float>(), *mn = minimum.data_ptr<float>();
-  bits == 4 ? run<4>(c, s, mn, q, rows, n, k, o) : run<8>(c, s, mn, q, rows, n, k, o);
+  if (scale.dtype() == at::kFloat) {
+    const float *s = scale.data_ptr<float>(), *mn = minimum.data_ptr<float>();
+    bits == 4 ? run<4, float>(c, s, mn, q, rows, n, k, o) : run<8, float>(c, s, mn, q, rows, n, k, o);
+  } else {
+    const at::Half *s = scale.data_ptr<at::Half>(), *mn = minimum.data_ptr<at::Half>();
+    bits == 4 ? run<4, at::Half>(c, s, mn, q, rows, n, k, o) : run<8, at::Half>(c, s, mn, q, rows, n, k, o);
+  }
   return out;
 }
