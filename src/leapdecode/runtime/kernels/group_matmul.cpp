@@ -31,20 +31,19 @@
 #include <cstring>
 #include <vector>
 
+#include "lanes.h"
+
 namespace {
 
 constexpr int64_t kGroup = 32;
 constexpr int64_t kCols = 16;
 constexpr int kTile = 8;  // rows computed together (one pass over a block's codes)
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16v __attribute__((vector_size(64)));
-typedef int32_t i16u __attribute__((vector_size(64), aligned(4)));
-
-inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
-inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+using leapdecode::i16;
+using leapdecode::load;
+using leapdecode::splat;
+using leapdecode::store;
+using leapdecode::v16;
 // 16 float16 values widened (exact either way)
 inline v16 load(const at::Half* p) {
 #if defined(__AVX512F__)
@@ -92,7 +91,7 @@ Rows quantize(const float* x, int64_t rows, int64_t k) {
 
 // dot[r] (16 columns) for NR rows over one group; codes of the block and group at `w`, activations at xq[r]
 template <int BITS, int NR>
-inline void group_dots(const uint8_t* w, const int8_t* const* xq, i16v* dot) {
+inline void group_dots(const uint8_t* w, const int8_t* const* xq, i16* dot) {
 #if defined(LEAPDECODE_VNNI)
   __m512i acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_si512();
@@ -123,7 +122,7 @@ inline void group_dots(const uint8_t* w, const int8_t* const* xq, i16v* dot) {
   for (int r = 0; r < NR; ++r) std::memcpy(&dot[r], &acc[r], 64);
 #else
   for (int r = 0; r < NR; ++r) {
-    i16v acc = {0};
+    i16 acc = {0};
     for (int quad = 0; quad < 8; ++quad) {
       for (int c = 0; c < kCols; ++c) {
         int32_t s = 0;
@@ -154,7 +153,7 @@ void tile(const uint8_t* w, const S* scale, const S* minimum, const Rows& x, int
   for (int64_t g = 0; g < groups; ++g) {
     const int8_t* xq[NR];
     for (int r = 0; r < NR; ++r) xq[r] = x.q.data() + (m0 + r) * k + g * kGroup;
-    i16v dot[NR];
+    i16 dot[NR];
     group_dots<BITS, NR>(w + g * kBytes, xq, dot);
     const v16 s = load(scale + g * kCols);
     const v16 mn = load(minimum + g * kCols);

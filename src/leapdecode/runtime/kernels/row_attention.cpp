@@ -24,16 +24,17 @@
 #include <limits>
 #include <vector>
 
+#include "lanes.h"
+
 namespace {
 
-constexpr int64_t kLanes = 16;
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));  // unaligned loads and stores
-typedef int32_t i16 __attribute__((vector_size(64)));
-
-inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
-inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+using leapdecode::i16;
+using leapdecode::kLanes;
+using leapdecode::load;
+using leapdecode::splat;
+using leapdecode::store;
+using leapdecode::v16;
+using leapdecode::v16u;
 
 // the first `count` floats (all 16 when count >= 16), the rest zero
 inline v16 load(const float* p, int64_t count) {
