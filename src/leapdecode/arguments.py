@@ -16,9 +16,12 @@ def add_model_arguments(p: argparse.ArgumentParser, compile: bool = False) -> No
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset, .gguf file, folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--draft-model", default=None, help="draft model for the `draft` method (same tokenizer)")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU when present, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--weights", default="auto", choices=("auto", "int4", "int8", "bf16", "fp32"),
-                   help="runtime: int4 (the CPU default: a GGUF's 4-bit blocks as they are, exact passes), int8, "
-                   "bf16, or fp32 (the float32 reference, identical only up to floating-point noise)")
+    from .runtime.convert import WEIGHT_CHOICES, WEIGHTS_HELP
+
+    p.add_argument("--weights", default="auto", choices=("auto", *WEIGHT_CHOICES), help=WEIGHTS_HELP)
+    p.add_argument("--draft-weights", default="auto", choices=("auto", *WEIGHT_CHOICES),
+                   help="the draft model's runtime (default auto: int4-all on a CPU, since a draft's weights only "
+                   "decide how many of its tokens are accepted, never the output)")
     if compile:
         p.add_argument("--compile", action="store_true",
                        help="run the passes as compiled graphs (int4/int8): faster passes after minutes of "

@@ -74,7 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise LeapdecodeError(f"method {args.method!r} needs --draft-model")
     device = resolve_device(args.device)
     target = load(args.model, device=device, weights=args.weights, compile=args.compile)
-    draft = (load(args.draft_model, device=device, weights=args.weights, compile=args.compile)
+    draft = (load(args.draft_model, device=device, weights=args.draft_weights, compile=args.compile, draft=True)
              if args.draft_model else None)
     decoder = Decoder(target, args.method, draft=draft, **options)
     chat = target.has_chat_template and not args.no_chat

@@ -472,12 +472,14 @@ def _load_gguf_runtime(source: ModelSource, spec: str, dtype: torch.dtype, mode:
 
 
 def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         progress: bool = True, weights: str | None = "auto", compile: bool = False) -> LoadedModel:
+         progress: bool = True, weights: str | None = "auto", compile: bool = False,
+         draft: bool = False) -> LoadedModel:
     """Load a preset name, a `.gguf` file, a local model folder, or a hub id from the local HF cache.
 
     `weights` picks the runtime (runtime/convert.py): `int4` (the CPU default, "auto"; a GGUF's own 4-bit blocks
-    kept as they are), `int8`, `bf16`, or `fp32` (the float32 reference). Every mode but fp32 computes
-    row-invariant passes, which makes lossless methods bitwise identical to plain decoding.
+    kept as they are), `int4-all` (every layer in 4-bit groups; the "auto" choice for `draft=True`, a model loaded
+    to draft for another), `int8`, `bf16`, or `fp32` (the float32 reference). The int modes compute row-invariant
+    passes, which makes lossless methods bitwise identical to plain decoding.
     `compile`: run the passes of single-sequence decoding as compiled graphs (runtime/compiled.py; int4/int8
     only; compiled and checked row-invariant here, minutes the first time, then read from inductor's disk cache).
 
@@ -488,7 +490,7 @@ def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device:
         spec = os.fspath(spec)
     source = resolve(spec)
     try:
-        mode = parse_weights(weights, str(device))
+        mode = parse_weights(weights, str(device), draft=draft)
     except ValueError as exc:
         raise InvalidSettingError(str(exc)) from None
     if compile and not mode.exact:
@@ -528,7 +530,7 @@ def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device:
     return loaded
 
 
-_NOT_COMPILABLE = "--compile runs the exact runtime's passes; it needs --weights int4 or int8, not {}"
+_NOT_COMPILABLE = "--compile runs the exact runtime's passes; it needs --weights int4, int4-all or int8, not {}"
 
 
 def with_compiled_passes(loaded: LoadedModel, progress: bool = True) -> LoadedModel:

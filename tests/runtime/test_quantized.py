@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leapdecode.runtime import native
-from leapdecode.runtime.quantized import (BF16Linear, Int4Linear, Int8GroupLinear, Int8Linear, QuantEmbedding, pack,
-                                          per_block, per_row, reference_group_matmul, unpack)
+from leapdecode.runtime.quantized import (NO_UNIT, SPAN, BF16Linear, Int4Linear, Int8GroupLinear, Int8Linear,
+                                          QuantEmbedding, ScaleFactors, pack, per_block, per_row,
+                                          reference_group_matmul, unpack)
 
 
 @pytest.fixture
@@ -62,10 +63,24 @@ def test_codes_are_kept_exactly(bits):
     assert torch.equal(module.weight, expected.reshape(32, 64))
 
 
-@settings(max_examples=25, deadline=None)
-@given(rows=st.integers(1, 20), blocks=st.integers(1, 3), groups=st.integers(1, 4), bits=st.sampled_from([4, 8]),
-       zero_group=st.booleans(), half=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_kernel_bits_equal_the_reference_and_rows_are_independent(rows, blocks, groups, bits, zero_group, half,
+def _scales(kind: str, n: int, groups: int, g: torch.Generator):
+    """Kernel-layout scale, minimum and their units: float32, float16 (GGUF's own scales) or factored (Q4_K)."""
+    if kind == "factored":
+        units = groups // SPAN
+        steps = [per_block(torch.randint(0, 64, (n, groups), generator=g), torch.uint8) for _ in range(2)]
+        scale_unit = per_block(torch.rand(n, units, generator=g), torch.float16)
+        minimum_unit = per_block(-torch.rand(n, units, generator=g), torch.float16)
+        return steps[0], steps[1], scale_unit, minimum_unit
+    dtype = torch.float16 if kind == "float16" else torch.float32
+    scale = per_block(torch.rand(n, groups, generator=g), dtype)
+    return scale, per_block(-torch.rand(n, groups, generator=g), dtype), NO_UNIT, NO_UNIT
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 20), blocks=st.integers(1, 3), supers=st.integers(1, 2), bits=st.sampled_from([4, 8]),
+       zero_group=st.booleans(), kind=st.sampled_from(["float32", "float16", "factored"]),
+       seed=st.integers(0, 2 ** 16))
+def test_kernel_bits_equal_the_reference_and_rows_are_independent(rows, blocks, supers, bits, zero_group, kind,
                                                                    seed):
     """kernels/group_matmul.cpp computes exactly `reference_group_matmul`'s bits, and a row alone gets the bits
     it gets among others (every tile size of the kernel is reached: 1 to 20 rows)."""
@@ -73,18 +88,38 @@ def test_kernel_bits_equal_the_reference_and_rows_are_independent(rows, blocks, 
     if kernels is None:
         pytest.skip("no C++ compiler here")
     g = torch.Generator().manual_seed(seed)
+    groups = SPAN * supers if kind == "factored" else int(torch.randint(1, 5, (1,), generator=g))
     n, k = 16 * blocks, 32 * groups
     codes = pack(torch.randint(0, 2 ** bits, (n, k), generator=g), bits)
-    dtype = torch.float16 if half else torch.float32  # float16: GGUF's own scales
-    scale = per_block(torch.rand(n, groups, generator=g), dtype)
-    minimum = per_block(-torch.rand(n, groups, generator=g), dtype)
+    scales = _scales(kind, n, groups, g)
     x = torch.randn(rows, k, generator=g) * 10 ** torch.randint(-3, 3, (rows, 1), generator=g).float()
     if zero_group:
         x[:, :32] = 0  # a group of zeros: scale 0, codes 0
-    out = kernels.group_matmul(x, codes, scale, minimum, bits)
-    assert torch.equal(out, reference_group_matmul(x, codes, scale, minimum, bits))
+    out = kernels.group_matmul(x, codes, *scales, bits)
+    assert torch.equal(out, reference_group_matmul(x, codes, scales[0], scales[1], bits, *scales[2:]))
     for i in range(rows):
-        assert torch.equal(kernels.group_matmul(x[i:i + 1].contiguous(), codes, scale, minimum, bits), out[i:i + 1])
+        assert torch.equal(kernels.group_matmul(x[i:i + 1].contiguous(), codes, *scales, bits), out[i:i + 1])
+
+
+def test_factored_scales_give_the_bits_of_their_products():
+    """Q4_K's scales held as steps and units compute exactly what the same scales held as float32 compute."""
+    g = torch.Generator().manual_seed(7)
+    n, groups = 32, 2 * SPAN
+    codes = torch.randint(0, 16, (n, 32 * groups), generator=g)
+    factors = ScaleFactors(torch.randint(0, 64, (n, groups), generator=g), torch.rand(n, 2, generator=g).half(),
+                           torch.randint(0, 64, (n, groups), generator=g), -torch.rand(n, 2, generator=g).half())
+    scales = factors.product(factors.scale_steps, factors.scale_units)
+    minimums = factors.product(factors.minimum_steps, factors.minimum_units)
+    factored = Int4Linear(codes, scales, minimums, factors=factors)
+    plain = Int4Linear(codes, scales, minimums)
+    assert factored.scale.dtype == torch.uint8 and plain.scale.dtype == torch.float32
+    x = torch.randn(5, 32 * groups, generator=g)
+    assert torch.equal(factored(x), plain(x))
+    assert torch.equal(factored.weight, plain.weight)
+    shell = Int4Linear.placeholder(factored.shape_record())
+    assert shell.scale.dtype == torch.uint8 and shell.scale_unit.shape == factored.scale_unit.shape
+    with pytest.raises(ValueError, match="do not multiply out"):
+        Int4Linear(codes, scales + 1, minimums, factors=factors)
 
 
 def test_scales_are_float16_when_they_are_float16_numbers():
@@ -104,7 +139,7 @@ def test_kernel_refuses_mismatched_shapes():
     codes = pack(torch.zeros(16, 64, dtype=torch.int64), 4)
     scale = per_block(torch.ones(16, 2))
     with pytest.raises(RuntimeError, match="codes do not match"):
-        kernels.group_matmul(torch.zeros(2, 96), codes, scale, scale, 4)
+        kernels.group_matmul(torch.zeros(2, 96), codes, scale, scale, NO_UNIT, NO_UNIT, 4)
 
 
 def test_embedding_blocks():

@@ -107,6 +107,8 @@ def command_line(args: argparse.Namespace, methods: list[str]) -> str:
         parts += ["--device", args.device]
     if getattr(args, "weights", "auto") != "auto":
         parts += ["--weights", args.weights]
+    if getattr(args, "draft_weights", "auto") != "auto" and getattr(args, "draft_model", None):
+        parts += ["--draft-weights", args.draft_weights]
     if getattr(args, "compile", False):
         parts.append("--compile")
     if getattr(args, "kv_cache", "none") != "none":
@@ -136,11 +138,11 @@ def method_file_options(args: argparse.Namespace, methods: list[str]) -> dict[st
     return out
 
 
-def _load_model(spec: str, device: str = "cpu", weights: str = "auto"):
+def _load_model(spec: str, device: str = "cpu", weights: str = "auto", draft: bool = False):
     """Load a model (a seam for tests, which substitute tiny models)."""
     from leapdecode import load
 
-    return load(spec, device=device, weights=weights)
+    return load(spec, device=device, weights=weights, draft=draft)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -187,7 +189,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     target = _load_model(args.model, device, args.weights)
-    draft = _load_model(args.draft_model, device, args.weights) if use_draft else None
+    draft = _load_model(args.draft_model, device, args.draft_weights, draft=True) if use_draft else None
     if args.compile:
         from leapdecode.loading import with_compiled_passes
 
@@ -200,6 +202,8 @@ def run_bench(args: argparse.Namespace) -> int:
         check_draft_compatible(target, draft)
 
     runtime = {"runtime": target.runtime.describe()}
+    if draft is not None:
+        runtime["draft_runtime"] = draft.runtime.describe()
     if not args.no_pass_cost:
         from leapdecode.runtime.pass_cost import describe, pass_cost_ms
 
@@ -247,7 +251,8 @@ def _run_bench_ray(args, questions, methods, settings, method_options, out, use_
 
     if args.ray_tasks is not None and args.ray_tasks < 1:
         raise InvalidSettingError("--ray-tasks must be >= 1")
-    spec = ModelSpec(args.model, args.draft_model if use_draft else None, resolve_device(args.device), args.weights)
+    spec = ModelSpec(args.model, args.draft_model if use_draft else None, resolve_device(args.device), args.weights,
+                     args.draft_weights)
     threads = args.threads or 1
     print(f"bench --ray: {len(questions)} questions x {len(methods)} methods, {threads} torch thread(s) per task",
           file=sys.stderr)

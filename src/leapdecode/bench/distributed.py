@@ -39,6 +39,7 @@ class ModelSpec:
     draft_model: str | None = None
     device: str = "cpu"
     weights: str = "auto"
+    draft_weights: str = "auto"
 
 
 @dataclass
@@ -62,7 +63,8 @@ def run_chunk(spec: ModelSpec, questions: Sequence[Question], methods: Sequence[
 
     torch.set_num_threads(threads)  # explicit: Ray sets OMP_NUM_THREADS from the CPUs it assigns
     target = load(spec.model, device=spec.device, weights=spec.weights, progress=False)
-    draft = load(spec.draft_model, device=spec.device, weights=spec.weights, progress=False) if spec.draft_model else None
+    draft = (load(spec.draft_model, device=spec.device, weights=spec.draft_weights, progress=False, draft=True)
+             if spec.draft_model else None)
     with tempfile.TemporaryDirectory() as tmp:
         result = run_benchmark(target, draft, questions, methods, settings, tmp, progress=False, plots=False,
                                runner_factory=runner_factory_with(method_options), log=io.StringIO())

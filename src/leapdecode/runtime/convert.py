@@ -8,6 +8,7 @@ position ids are transformers' own.
 | `weights` | linear layers | embedding | attention | exact (row-invariant) |
 | --- | --- | --- | --- | --- |
 | `int4` (CPU default) | a GGUF's 4-bit blocks as they are (Q4_0/Q4_1/Q4_K), its higher-precision tensors as 8-bit groups (Q8_0 exactly); other checkpoints quantized to int4 groups of 32 | int8 per 32 values (Q8_0 exactly) | exact | yes |
+| `int4-all` (the default for draft models) | as `int4`, but a GGUF's higher-precision tensors (Q5_x, Q6_K, Q8_0, the output layer) re-quantized to int4 groups too: fewer bytes a pass, a measured loss against the file | as `int4` | exact | yes |
 | `int8` | 8-bit codes per group of 32 (symmetric) | int8 per 32 values | exact | yes |
 | `bf16` | dense bf16 (oneDNN/MKL) | unchanged | SDPA | no: bf16 matmuls are not row-invariant |
 | `fp32` (reference) | dense float32 (MKL) | unchanged | SDPA | no: identical up to floating-point noise |
@@ -35,6 +36,7 @@ from .quantized import SOURCE_ROWS, BF16Linear, Int4Linear, Int8GroupLinear, Int
 
 class Weights(str, Enum):
     INT4 = "int4"
+    INT4_ALL = "int4-all"
     INT8 = "int8"
     BF16 = "bf16"
     FP32 = "fp32"
@@ -42,10 +44,14 @@ class Weights(str, Enum):
     @property
     def exact(self) -> bool:
         """Whether passes are row-invariant in this mode (a token's logits independent of the pass shape)."""
-        return self in (Weights.INT4, Weights.INT8)
+        return self in (Weights.INT4, Weights.INT4_ALL, Weights.INT8)
 
 
 WEIGHT_CHOICES = tuple(w.value for w in Weights)
+WEIGHTS_HELP = ("runtime: int4 (the CPU default: a GGUF's 4-bit blocks as they are, its higher-precision tensors "
+                "as 8-bit groups; exact passes), int4-all (every layer in 4-bit groups: faster, a small measured "
+                "loss against the file; exact passes), int8, bf16, or fp32 (the float32 reference, identical only "
+                "up to floating-point noise)")
 
 
 @dataclass(frozen=True)
@@ -63,15 +69,18 @@ class RuntimeInfo:
         return f"weights {self.weights.value} ({kinds}); {passes}"
 
 
-def parse_weights(value: str | Weights | None, device: str) -> Weights:
-    """`None`/"auto" -> int4 on a CPU, fp32 elsewhere (the quantized kernels are CPU kernels)."""
+def parse_weights(value: str | Weights | None, device: str, draft: bool = False) -> Weights:
+    """`None`/"auto" -> int4 on a CPU (int4-all for a draft model, whose weights only decide how many of its
+    tokens are accepted, never the output), fp32 elsewhere (the quantized kernels are CPU kernels)."""
     if value is None or value == "auto":
-        return Weights.INT4 if str(device).startswith("cpu") else Weights.FP32
+        if not str(device).startswith("cpu"):
+            return Weights.FP32
+        return Weights.INT4_ALL if draft else Weights.INT4
     try:
         chosen = Weights(value)
     except ValueError:
         raise ValueError(f"unknown weights {value!r}; use one of {', '.join(WEIGHT_CHOICES)} or auto") from None
-    if chosen in (Weights.INT4, Weights.INT8) and not str(device).startswith("cpu"):
+    if chosen.exact and not str(device).startswith("cpu"):
         raise ValueError(f"weights {chosen.value} run on the CPU kernels only; use --weights fp32 or bf16 on {device}")
     return chosen
 
@@ -124,7 +133,7 @@ def _int4_from_gguf(tensor, hf_weight: torch.Tensor, order: np.ndarray | None) -
     if dense.shape != tuple(hf_weight.shape) or not np.array_equal(dense, hf_weight.float().numpy()):
         return None  # not the tensor the model holds: quantize from the model's weight instead
     codes = grouped_codes(kind, np.ascontiguousarray(raw), dense)
-    return Int4Linear(codes.codes, codes.scales, codes.minimums)
+    return Int4Linear(codes.codes, codes.scales, codes.minimums, factors=codes.factors)
 
 
 # ----- the swap ---------------------------------------------------------------------------------------------
@@ -141,6 +150,8 @@ def _linear_for(name: str, linear: nn.Linear, weights: Weights, gguf: GGUFTensor
     if tensor is None:
         return Int4Linear.from_float(w, b), "int4 quantized on load"
     kind = tensor.tensor_type.name
+    if weights is Weights.INT4_ALL and kind not in FOUR_BIT:
+        return Int4Linear.from_float(w, b), f"int4 re-quantized from GGUF {kind}"
     if kind in FOUR_BIT:
         module = _int4_from_gguf(tensor, w, gguf.row_order(name, w.shape[0]))
         if module is not None:

@@ -9,7 +9,8 @@ GGUF 4-bit types store, per group of 32 weights of a row, a scale and a minimum 
 | Q4_1 | 32 values: fp16 d, fp16 m, 16 bytes of codes | d | m |
 | Q4_K | 256 values: fp16 d, fp16 dmin, 12 bytes of 6-bit (sc, m) for 8 groups, 128 bytes of codes | d * sc | -dmin * m |
 
-The runtime's group modules hold exactly this form (code, scale, minimum), so nothing is rounded.
+The runtime's group modules hold exactly this form (code, scale, minimum), so nothing is rounded; Q4_K's scales
+are kept as their two GGUF factors (`ScaleFactors`: the 6-bit sc and m per group, d and -dmin per super-block).
 The codes are recovered from gguf's own dequantized values (q = round((w - minimum) / scale)), which keeps this
 module independent of each type's nibble order, and checked against them. Q8_0 blocks (fp16 d, 32 int8 codes)
 map exactly onto `QuantEmbedding`. Other types (Q5_x, Q6_K, ...) are returned dequantized.
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .quantized import ScaleFactors
+
 FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K")
 
 
@@ -31,6 +34,7 @@ class GroupedCodes:
     codes: torch.Tensor  # (out, in) uint8 in [0, 15]
     scales: torch.Tensor  # (out, in / 32) float32
     minimums: torch.Tensor  # (out, in / 32) float32
+    factors: ScaleFactors | None = None  # Q4_K: the scales and minimums as GGUF factors them
 
 
 @dataclass(frozen=True)
@@ -57,26 +61,32 @@ def _q4k_scale_min(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.astype(np.float32), mn.astype(np.float32)
 
 
-def _scale_min(kind: str, raw: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-group (rows, groups) scale and minimum of a 4-bit type's raw blocks (rows, bytes)."""
+def _scale_min(kind: str, raw: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray, ScaleFactors | None]:
+    """Per-group (rows, groups) scale and minimum of a 4-bit type's raw blocks (rows, bytes), and Q4_K's factors."""
     if kind in ("Q4_0", "Q4_1"):
         size = 18 if kind == "Q4_0" else 20
         blocks = raw.reshape(rows, -1, size)
         d = _f16(blocks[..., 0:2])
         m = -8 * d if kind == "Q4_0" else _f16(blocks[..., 2:4])
-        return d, m
+        return d, m, None
     blocks = raw.reshape(rows, -1, 144)  # Q4_K
     d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
     sc, mn = _q4k_scale_min(blocks[..., 4:16])
     scale = (d[..., None] * sc).reshape(rows, -1)
     minimum = (-dmin[..., None] * mn).reshape(rows, -1)
-    return scale, minimum
+    factors = ScaleFactors(
+        scale_steps=torch.from_numpy(sc.reshape(rows, -1).astype(np.uint8)),
+        scale_units=torch.from_numpy(d.astype(np.float16)),
+        minimum_steps=torch.from_numpy(mn.reshape(rows, -1).astype(np.uint8)),
+        minimum_units=torch.from_numpy((-dmin).astype(np.float16)),
+    )
+    return scale, minimum, factors
 
 
 def grouped_codes(kind: str, raw: np.ndarray, dense: np.ndarray) -> GroupedCodes:
     """The codes of a 4-bit tensor, given its raw blocks (rows, bytes) and gguf's dequantized values (rows, cols)."""
     rows, cols = dense.shape
-    scale, minimum = _scale_min(kind, raw, rows)
+    scale, minimum, factors = _scale_min(kind, raw, rows)
     w = dense.reshape(rows, cols // 32, 32)
     safe = np.where(scale != 0, scale, 1.0).astype(np.float32)
     codes = np.clip(np.rint((w - minimum[..., None]) / safe[..., None]), 0, 15)
@@ -88,6 +98,7 @@ def grouped_codes(kind: str, raw: np.ndarray, dense: np.ndarray) -> GroupedCodes
         codes=torch.from_numpy(codes.reshape(rows, cols).astype(np.uint8)),
         scales=torch.from_numpy(scale.copy()),
         minimums=torch.from_numpy(minimum.astype(np.float32)),
+        factors=factors,
     )
 
 

@@ -21,6 +21,7 @@ dequantized on first use and cached, so a plain decoding run never holds a float
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -194,8 +195,37 @@ def per_row(values: torch.Tensor) -> torch.Tensor:
     return values.permute(0, 2, 1).reshape(blocks * 16, g)
 
 
+SPAN = 8  # groups per float16 unit of factored scales (GGUF Q4_K's super-block of 256 weights)
+NO_UNIT = torch.empty(0, dtype=torch.float16)  # the unit argument of scales that are not factored
+
+
+@dataclass(frozen=True)
+class ScaleFactors:
+    """Per-group scales and minimums as an 8-bit step per group times a float16 unit per `SPAN` groups (GGUF Q4_K:
+    scale = d * sc, minimum = -dmin * m). Each product is exact in float32, and the kernel reads 2.5 bytes per group
+    instead of 8."""
+
+    scale_steps: torch.Tensor  # (out, in / 32) integers in [0, 255]
+    scale_units: torch.Tensor  # (out, in / 256) float16
+    minimum_steps: torch.Tensor
+    minimum_units: torch.Tensor
+
+    @staticmethod
+    def product(steps: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """(out, groups) float32 values from steps (out, groups) and units (out, groups / SPAN)."""
+        return steps.float() * units.float().repeat_interleave(SPAN, dim=1)
+
+
+def expand_scales(values: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """A kernel-layout (blocks, groups, 16) scale tensor as float32: factored steps (uint8) times their units."""
+    if values.dtype != torch.uint8:
+        return values.float()
+    return values.float() * unit.float().repeat_interleave(SPAN, dim=1)
+
+
 def reference_group_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                           bits: int) -> torch.Tensor:
+                           bits: int, scale_unit: torch.Tensor = NO_UNIT,
+                           minimum_unit: torch.Tensor = NO_UNIT) -> torch.Tensor:
     """The bits of kernels/group_matmul.cpp computed with torch operations (its fallback without a compiler, and
     the tests' reference): activations quantized to int8 per group of 32, integer dot products per group, then
     five float32 operations per group added in order."""
@@ -208,7 +238,7 @@ def reference_group_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Te
     qsum = q.sum(-1)  # small integers: exact in any order
     w = unpack(codes, bits).float().reshape(-1, groups, GROUP)  # (n, groups, 32)
     dot = torch.bmm(q.transpose(0, 1), w.permute(1, 2, 0))  # (groups, rows, n); integers below 2^24: exact
-    scale, minimum = per_row(scale).float(), per_row(minimum).float()
+    scale, minimum = per_row(expand_scales(scale, scale_unit)), per_row(expand_scales(minimum, minimum_unit))
     out = torch.zeros(rows, w.shape[0])
     for g in range(groups):
         t = dot[g] * scale[:, g]
@@ -218,20 +248,21 @@ def reference_group_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Te
 
 
 def _group_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                  bits: int) -> torch.Tensor:
+                  scale_unit: torch.Tensor, minimum_unit: torch.Tensor, bits: int) -> torch.Tensor:
     kernels = native.kernels()
     if kernels is None:
-        return reference_group_matmul(x, codes, scale, minimum, bits)
-    return kernels.group_matmul(x, codes, scale, minimum, bits)
+        return reference_group_matmul(x, codes, scale, minimum, bits, scale_unit, minimum_unit)
+    return kernels.group_matmul(x, codes, scale, minimum, scale_unit, minimum_unit, bits)
 
 
-def _group_matmul_shape(x, codes, scale, minimum, bits):
+def _group_matmul_shape(x, codes, scale, minimum, scale_unit, minimum_unit, bits):
     return x.new_empty(x.shape[0], codes.shape[0] * 16)
 
 
 # An opaque op for compiled graphs (the eager path calls the kernel directly, without the dispatcher).
 _LIBRARY = torch.library.Library("leapdecode", "FRAGMENT")
-_LIBRARY.define("group_matmul(Tensor x, Tensor codes, Tensor scale, Tensor minimum, int bits) -> Tensor")
+_LIBRARY.define("group_matmul(Tensor x, Tensor codes, Tensor scale, Tensor minimum, Tensor scale_unit, "
+                "Tensor minimum_unit, int bits) -> Tensor")
 _LIBRARY.impl("group_matmul", _group_matmul, "CompositeExplicitAutograd")
 torch.library.register_fake("leapdecode::group_matmul", _group_matmul_shape, lib=_LIBRARY)
 
@@ -240,20 +271,33 @@ class GroupLinear(_QuantLinear):
     """y = x W^T (+ b), W held as `BITS`-bit codes with a scale and minimum per group of 32 inputs,
     W = code * scale + minimum (GGUF's 4-bit types and Q8_0 exactly), computed by kernels/group_matmul.cpp with
     the activations quantized to int8 per group of 32 (as llama.cpp does): integer dot products, row-invariant.
-    Scales and minimums are stored as float16 when they all are float16 numbers (Q4_0, Q4_1, Q8_0, and layers
-    quantized on load), else as float32 (Q4_K's products of two scales)."""
+    Scales and minimums are stored factored when `factors` are given (Q4_K: uint8 steps, float16 units), as
+    float16 when they all are float16 numbers (Q4_0, Q4_1, Q8_0, and layers quantized on load), else as float32."""
 
     BITS = 4
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor,
-                 bias: torch.Tensor | None = None):
-        """codes (out, in) integers in [0, 2^BITS); scales, minimums (out, in / 32): W = codes * scale + minimum."""
+                 bias: torch.Tensor | None = None, factors: ScaleFactors | None = None):
+        """codes (out, in) integers in [0, 2^BITS); scales, minimums (out, in / 32): W = codes * scale + minimum;
+        `factors`, when given, must multiply out to exactly `scales` and `minimums`."""
         out_features, in_features = codes.shape
         super().__init__(in_features, out_features, bias)
-        dtype = torch.float16 if half_exact(scales, minimums) else torch.float32
         self.register_buffer("codes", pack(codes, self.BITS))
+        if factors is not None:
+            f = factors
+            if not (torch.equal(f.product(f.scale_steps, f.scale_units), scales.float())
+                    and torch.equal(f.product(f.minimum_steps, f.minimum_units), minimums.float())):
+                raise ValueError("scale factors do not multiply out to the scales")
+            self.register_buffer("scale", per_block(f.scale_steps, torch.uint8))
+            self.register_buffer("minimum", per_block(f.minimum_steps, torch.uint8))
+            self.register_buffer("scale_unit", per_block(f.scale_units, torch.float16))
+            self.register_buffer("minimum_unit", per_block(f.minimum_units, torch.float16))
+            return
+        dtype = torch.float16 if half_exact(scales, minimums) else torch.float32
         self.register_buffer("scale", per_block(scales, dtype))
         self.register_buffer("minimum", per_block(minimums, dtype))
+        self.register_buffer("scale_unit", NO_UNIT.clone())
+        self.register_buffer("minimum_unit", NO_UNIT.clone())
 
     @classmethod
     def supports(cls, out_features: int, in_features: int) -> bool:
@@ -263,15 +307,17 @@ class GroupLinear(_QuantLinear):
         return x.reshape(-1, self.in_features).float().contiguous()
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        args = (x, self.codes, self.scale, self.minimum, self.scale_unit, self.minimum_unit, self.BITS)
         if torch.compiler.is_compiling():
-            return torch.ops.leapdecode.group_matmul(x, self.codes, self.scale, self.minimum, self.BITS)
-        return _group_matmul(x, self.codes, self.scale, self.minimum, self.BITS)
+            return torch.ops.leapdecode.group_matmul(*args)
+        return _group_matmul(*args)
 
     def dense_weight(self) -> torch.Tensor:
         groups = self.in_features // GROUP
         codes = unpack(self.codes, self.BITS).float().reshape(self.out_features, groups, GROUP)
-        w = codes * per_row(self.scale).float().unsqueeze(-1) + per_row(self.minimum).float().unsqueeze(-1)
-        return w.reshape(self.out_features, self.in_features)
+        scale = per_row(expand_scales(self.scale, self.scale_unit)).unsqueeze(-1)
+        minimum = per_row(expand_scales(self.minimum, self.minimum_unit)).unsqueeze(-1)
+        return (codes * scale + minimum).reshape(self.out_features, self.in_features)
 
     def shape_record(self) -> dict:
         return {**super().shape_record(), "scale_dtype": str(self.scale.dtype).removeprefix("torch.")}
@@ -281,6 +327,9 @@ class GroupLinear(_QuantLinear):
         module = super().placeholder(record)
         dtype = getattr(torch, record.get("scale_dtype", "float32"))
         module.scale, module.minimum = module.scale.to(dtype), module.minimum.to(dtype)
+        if dtype == torch.uint8:
+            units = torch.empty(module.scale.shape[0], module.scale.shape[1] // SPAN, 16, dtype=torch.float16)
+            module.scale_unit, module.minimum_unit = units, units.clone()
         return module
 
     def _empty_buffers(self) -> None:
@@ -288,24 +337,47 @@ class GroupLinear(_QuantLinear):
         self.register_buffer("codes", torch.empty(blocks, groups, 32 * self.BITS * 2, dtype=torch.uint8))
         self.register_buffer("scale", torch.empty(blocks, groups, 16))
         self.register_buffer("minimum", torch.empty(blocks, groups, 16))
+        self.register_buffer("scale_unit", NO_UNIT.clone())
+        self.register_buffer("minimum_unit", NO_UNIT.clone())
+
+
+def _codes(groups: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """The nearest 4-bit codes of (rows, groups, 32) values for a scale and minimum per group."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return ((groups - minimum.unsqueeze(-1)) / safe.unsqueeze(-1)).round().clamp(0, 15)
 
 
 class Int4Linear(GroupLinear):
-    """4-bit codes per group of 32 (GGUF Q4_0, Q4_1, Q4_K)."""
+    """4-bit codes per group of 32 (GGUF Q4_0, Q4_1, Q4_K with factored scales)."""
 
     BITS = 4
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int4Linear":
-        """Asymmetric min/max quantization of a dense weight, per group of 32 inputs (lossy)."""
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, refine: int = 4) -> "Int4Linear":
+        """Asymmetric quantization of a dense weight per group of 32 inputs (lossy): min/max to start, then
+        `refine` rounds of least squares (the scale and minimum that best fit the codes, then the codes that best
+        fit them), keeping per group whichever fit had the smallest squared error."""
         w = weight.detach().float()
         groups = w.reshape(w.shape[0], -1, GROUP)
         lo, hi = groups.amin(-1), groups.amax(-1)
-        lo = fp16_grid(lo)
-        scale = fp16_grid((hi - lo) / 15)
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = ((groups - lo.unsqueeze(-1)) / safe.unsqueeze(-1)).round().clamp(0, 15)
-        return cls(codes.reshape(w.shape), scale, lo, bias)
+        scale, minimum = fp16_grid((hi - lo) / 15), fp16_grid(lo)
+        codes = _codes(groups, scale, minimum)
+        best = ((codes * scale.unsqueeze(-1) + minimum.unsqueeze(-1) - groups) ** 2).sum(-1)
+        for _ in range(refine):
+            c = codes
+            mean_c, mean_w = c.mean(-1), groups.mean(-1)
+            var_c = ((c - mean_c.unsqueeze(-1)) ** 2).mean(-1)
+            cov = ((c - mean_c.unsqueeze(-1)) * (groups - mean_w.unsqueeze(-1))).mean(-1)
+            fit_scale = torch.where(var_c > 0, cov / torch.where(var_c > 0, var_c, 1.0), scale)
+            fit_scale = fp16_grid(fit_scale.clamp_min(0))
+            fit_min = fp16_grid(mean_w - fit_scale * mean_c)
+            fit_codes = _codes(groups, fit_scale, fit_min)
+            err = ((fit_codes * fit_scale.unsqueeze(-1) + fit_min.unsqueeze(-1) - groups) ** 2).sum(-1)
+            better = err < best
+            scale, minimum = torch.where(better, fit_scale, scale), torch.where(better, fit_min, minimum)
+            codes = torch.where(better.unsqueeze(-1), fit_codes, codes)
+            best = torch.minimum(err, best)
+        return cls(codes.reshape(w.shape), scale, minimum, bias)
 
 
 class Int8GroupLinear(GroupLinear):

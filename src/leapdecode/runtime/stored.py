@@ -30,7 +30,7 @@ from .quantized import BF16Linear, Int4Linear, Int8GroupLinear, Int8Linear, Quan
 
 MARKER = "runtime.json"
 TENSORS = "runtime.safetensors"
-FORMAT = 3  # 3: the group kernel's own layout (code, scale, minimum; float16 scales where exact)
+FORMAT = 4  # 3: the group kernel's own layout (code, scale, minimum; float16 scales where exact); 4: Q4_K factored
 _LINEARS = {cls.__name__: cls for cls in (Int4Linear, Int8GroupLinear, Int8Linear, BF16Linear)}
 
 

@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.replicas != 1 or args.ray_address:
         return _serve_replicas(args, methods, default, device)
     target = load(args.model, device=device, weights=args.weights)
-    draft = load(args.draft_model, device=device, weights=args.weights) if args.draft_model else None
+    draft = load(args.draft_model, device=device, weights=args.draft_weights, draft=True) if args.draft_model else None
     engine = BatchEngine(target, methods, draft=draft,
                          max_batch_size=args.max_batch_size, step_draft_budget=args.step_draft_budget,
                          fit_width=not args.fixed_draft_width)
@@ -94,7 +94,8 @@ def _serve_replicas(args: argparse.Namespace, methods: dict, default: str, devic
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.replicas))
     config = ServerConfig(model_name=args.served_model_name or args.model, default_method=default,
                           max_tokens_limit=args.max_tokens_limit, api_key=args.api_key or None)
-    spec = ReplicaSpec(model=args.model, server=config, methods=methods, weights=args.weights, device=device,
+    spec = ReplicaSpec(model=args.model, server=config, methods=methods, weights=args.weights,
+                       draft_weights=args.draft_weights, device=device,
                        draft_model=args.draft_model, max_batch_size=args.max_batch_size,
                        step_draft_budget=args.step_draft_budget, fit_width=not args.fixed_draft_width,
                        threads=threads)

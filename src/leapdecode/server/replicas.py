@@ -29,6 +29,7 @@ class ReplicaSpec:
     server: ServerConfig
     methods: dict = field(default_factory=dict)
     weights: str = "auto"
+    draft_weights: str = "auto"
     device: str = "cpu"
     draft_model: str | None = None
     max_batch_size: int = 8
@@ -47,7 +48,8 @@ def build_app(spec: ReplicaSpec, replica: str):
 
     torch.set_num_threads(spec.threads)
     target = load(spec.model, device=spec.device, weights=spec.weights, progress=False)
-    draft = load(spec.draft_model, device=spec.device, weights=spec.weights, progress=False) if spec.draft_model else None
+    draft = (load(spec.draft_model, device=spec.device, weights=spec.draft_weights, progress=False, draft=True)
+             if spec.draft_model else None)
     engine = BatchEngine(target, spec.methods, draft=draft, max_batch_size=spec.max_batch_size,
                          step_draft_budget=spec.step_draft_budget, fit_width=spec.fit_width)
     app = create_app(engine, spec.server)

@@ -5,7 +5,8 @@ at::Tensor row_attention(const at::Tensor& query, const at::Tensor& key, const a
                          const at::Tensor& start, const at::Tensor& stop, const at::Tensor& col_ptr,
                          const at::Tensor& columns, double scaling);
 at::Tensor group_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                        const at::Tensor& minimum, int64_t bits);
+                        const at::Tensor& minimum, const at::Tensor& scale_unit, const at::Tensor& minimum_unit,
+                        int64_t bits);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_attention", &row_attention, "row-invariant attention (float32, CPU)");

@@ -14,7 +14,9 @@
 // Weight layout (`pack` in quantized.py): blocks of 16 output columns; per block and group, the codes of the
 // 16 columns x 32 inputs as 8 quads of 4 consecutive inputs, each quad 64 bytes (byte 4 * column + i). 8-bit codes
 // take 512 bytes per block and group; 4-bit codes 256: byte j of pair p holds quad 2p in its low nibble and quad
-// 2p + 1 in its high nibble.
+// 2p + 1 in its high nibble. Scales and minimums are (blocks, groups, 16): float32, float16, or factored as an 8-bit
+// step per group times a float16 unit per 8 groups (GGUF Q4_K's d * sc and -dmin * m; the product of a float16
+// number and an integer below 256 is exact in float32, so the factored form gives the bits of the float32 one).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -38,6 +40,7 @@ namespace {
 constexpr int64_t kGroup = 32;
 constexpr int64_t kCols = 16;
 constexpr int kTile = 8;  // rows computed together (one pass over a block's codes)
+constexpr int64_t kAhead = 2048;  // bytes of codes prefetched ahead of the group being computed
 
 using leapdecode::i16;
 using leapdecode::load;
@@ -57,6 +60,39 @@ inline v16 load(const at::Half* p) {
   return r;
 #endif
 }
+
+// 16 uint8 values widened (exact)
+inline v16 load(const uint8_t* p) {
+#if defined(__AVX512F__)
+  v16 r;
+  const __m512 wide = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  std::memcpy(&r, &wide, 64);
+  return r;
+#else
+  v16 r;
+  for (int l = 0; l < kCols; ++l) r[l] = static_cast<float>(p[l]);
+  return r;
+#endif
+}
+
+// The per-group values (scale or minimum) of the 16 columns of one block, stored as they are (T: float or half).
+template <typename T>
+struct Direct {
+  const T* p;
+  v16 at(int64_t g) const { return load(p + g * kCols); }
+  Direct block(int64_t b, int64_t groups) const { return {p + b * groups * kCols}; }
+};
+
+// The same values as an 8-bit step per group times a float16 unit per 8 groups.
+struct Factored {
+  static constexpr int64_t kSpan = 8;
+  const uint8_t* step;
+  const at::Half* unit;
+  v16 at(int64_t g) const { return load(step + g * kCols) * load(unit + (g / kSpan) * kCols); }
+  Factored block(int64_t b, int64_t groups) const {
+    return {step + b * groups * kCols, unit + b * (groups / kSpan) * kCols};
+  }
+};
 
 // Per row and group: the int8 codes of the activations, their scale d and the sum of the codes.
 struct Rows {
@@ -145,7 +181,7 @@ inline void group_dots(const uint8_t* w, const int8_t* const* xq, i16* dot) {
 }
 
 template <int BITS, typename S, int NR>
-void tile(const uint8_t* w, const S* scale, const S* minimum, const Rows& x, int64_t m0, int64_t groups, int64_t k,
+void tile(const uint8_t* w, const S& scale, const S& minimum, const Rows& x, int64_t m0, int64_t groups, int64_t k,
           float* out, int64_t ldo) {
   constexpr int64_t kBytes = BITS == 4 ? 256 : 512;
   v16 acc[NR];
@@ -154,9 +190,12 @@ void tile(const uint8_t* w, const S* scale, const S* minimum, const Rows& x, int
     const int8_t* xq[NR];
     for (int r = 0; r < NR; ++r) xq[r] = x.q.data() + (m0 + r) * k + g * kGroup;
     i16 dot[NR];
+    // the codes a few groups ahead (the hardware prefetcher alone left a one-row pass at about 2/3 of the
+    // machine's read bandwidth)
+    for (int64_t line = 0; line < kBytes; line += 64) __builtin_prefetch(w + g * kBytes + kAhead + line);
     group_dots<BITS, NR>(w + g * kBytes, xq, dot);
-    const v16 s = load(scale + g * kCols);
-    const v16 mn = load(minimum + g * kCols);
+    const v16 s = scale.at(g);
+    const v16 mn = minimum.at(g);
     for (int r = 0; r < NR; ++r) {
       const int64_t at = (m0 + r) * groups + g;
       v16 t = __builtin_convertvector(dot[r], v16) * s;
@@ -168,7 +207,7 @@ void tile(const uint8_t* w, const S* scale, const S* minimum, const Rows& x, int
 }
 
 template <int BITS, typename S>
-void block(const uint8_t* w, const S* scale, const S* minimum, const Rows& x, int64_t rows, int64_t groups, int64_t k,
+void block(const uint8_t* w, const S& scale, const S& minimum, const Rows& x, int64_t rows, int64_t groups, int64_t k,
            float* out, int64_t ldo) {
   int64_t m = 0;
   for (; m + kTile <= rows; m += kTile) tile<BITS, S, kTile>(w, scale, minimum, x, m, groups, k, out, ldo);
@@ -185,44 +224,64 @@ void block(const uint8_t* w, const S* scale, const S* minimum, const Rows& x, in
 }
 
 template <int BITS, typename S>
-void run(const uint8_t* codes, const S* scale, const S* minimum, const Rows& x, int64_t rows, int64_t n, int64_t k,
+void run(const uint8_t* codes, const S& scale, const S& minimum, const Rows& x, int64_t rows, int64_t n, int64_t k,
          float* out) {
   const int64_t groups = k / kGroup;
   const int64_t blocks = n / kCols;
   const int64_t bytes = (BITS == 4 ? 256 : 512) * groups;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      block<BITS, S>(codes + b * bytes, scale + b * groups * kCols, minimum + b * groups * kCols, x, rows, groups, k,
+      block<BITS, S>(codes + b * bytes, scale.block(b, groups), minimum.block(b, groups), x, rows, groups, k,
                      out + b * kCols, n);
   });
+}
+
+template <typename S>
+void dispatch(int64_t bits, const uint8_t* codes, const S& scale, const S& minimum, const Rows& x, int64_t rows,
+              int64_t n, int64_t k, float* out) {
+  bits == 4 ? run<4, S>(codes, scale, minimum, x, rows, n, k, out) : run<8, S>(codes, scale, minimum, x, rows, n, k, out);
 }
 
 }  // namespace
 
 // x (rows, k) float32; codes (n / 16, k / 32, 256 or 512) uint8; scale, minimum (n / 16, k / 32, 16) float32 or
-// float16 (GGUF's own scales are float16: half the bytes to read) -> (rows, n) float32
+// float16 (GGUF's own scales are float16: half the bytes to read), or uint8 steps with scale_unit, minimum_unit
+// (n / 16, k / 256, 16) float16 (factored; empty tensors otherwise) -> (rows, n) float32
 at::Tensor group_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                        const at::Tensor& minimum, int64_t bits) {
+                        const at::Tensor& minimum, const at::Tensor& scale_unit, const at::Tensor& minimum_unit,
+                        int64_t bits) {
   TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous (rows, k) float32");
   TORCH_CHECK(codes.dtype() == at::kByte && codes.dim() == 3 && codes.is_contiguous(), "codes: (n/16, k/32, bytes)");
   TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
   const int64_t rows = x.size(0), k = x.size(1), n = codes.size(0) * kCols;
   TORCH_CHECK(codes.size(1) * kGroup == k && codes.size(2) == (bits == 4 ? 256 : 512), "codes do not match x");
-  TORCH_CHECK(scale.sizes() == minimum.sizes() && scale.dtype() == minimum.dtype() &&
-                  (scale.dtype() == at::kFloat || scale.dtype() == at::kHalf) && scale.is_contiguous() &&
+  const auto dtype = scale.scalar_type();
+  TORCH_CHECK(scale.sizes() == minimum.sizes() && dtype == minimum.scalar_type() &&
+                  (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kByte) && scale.is_contiguous() &&
                   minimum.is_contiguous() && scale.numel() == n / kCols * (k / kGroup) * kCols,
-              "scale, minimum: (n/16, k/32, 16), both float32 or both float16");
+              "scale, minimum: (n/16, k/32, 16), both float32, both float16 or both uint8 steps");
+  if (dtype == at::kByte) {
+    TORCH_CHECK((k / kGroup) % Factored::kSpan == 0 && scale_unit.scalar_type() == at::kHalf &&
+                    minimum_unit.scalar_type() == at::kHalf && scale_unit.is_contiguous() &&
+                    minimum_unit.is_contiguous() &&
+                    scale_unit.numel() == n / kCols * (k / kGroup / Factored::kSpan) * kCols &&
+                    minimum_unit.numel() == scale_unit.numel(),
+                "scale_unit, minimum_unit: (n/16, k/256, 16) float16 with uint8 steps");
+  }
   at::Tensor out = at::empty({rows, n}, x.options());
   if (rows == 0) return out;
   const Rows q = quantize(x.data_ptr<float>(), rows, k);
   const uint8_t* c = codes.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
-  if (scale.dtype() == at::kFloat) {
-    const float *s = scale.data_ptr<float>(), *mn = minimum.data_ptr<float>();
-    bits == 4 ? run<4, float>(c, s, mn, q, rows, n, k, o) : run<8, float>(c, s, mn, q, rows, n, k, o);
+  if (dtype == at::kFloat) {
+    dispatch(bits, c, Direct<float>{scale.data_ptr<float>()}, Direct<float>{minimum.data_ptr<float>()}, q, rows, n, k,
+             o);
+  } else if (dtype == at::kHalf) {
+    dispatch(bits, c, Direct<at::Half>{scale.data_ptr<at::Half>()}, Direct<at::Half>{minimum.data_ptr<at::Half>()}, q,
+             rows, n, k, o);
   } else {
-    const at::Half *s = scale.data_ptr<at::Half>(), *mn = minimum.data_ptr<at::Half>();
-    bits == 4 ? run<4, at::Half>(c, s, mn, q, rows, n, k, o) : run<8, at::Half>(c, s, mn, q, rows, n, k, o);
+    dispatch(bits, c, Factored{scale.data_ptr<uint8_t>(), scale_unit.data_ptr<at::Half>()},
+             Factored{minimum.data_ptr<uint8_t>(), minimum_unit.data_ptr<at::Half>()}, q, rows, n, k, o);
   }
   return out;
 }
