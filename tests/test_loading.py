@@ -80,8 +80,8 @@ def save_folder(folder: Path, arch: str = "llama", chat_template: str | None = N
 
 
 def write_tiny_gguf(path: Path, seed: int = 0, quantized: bool = False) -> Path:
-    """A 2-layer qwen2 GGUF (float32 tensors, or with `quantized` Q4_1 linear layers and a Q8_0 embedding) with a
-    byte-level BPE tokenizer and a ChatML template."""
+    """A 2-layer qwen2 GGUF (float32 tensors, or with `quantized` Q4_1 linear layers, the last FFN down projection,
+    the embedding and the output layer Q8_0) with a byte-level BPE tokenizer and a ChatML template."""
     import gguf
     from gguf.quants import quantize
 
@@ -136,7 +136,8 @@ def write_tiny_gguf(path: Path, seed: int = 0, quantized: bool = False) -> Path:
         matrix(p + "attn_output.weight", hidden, hidden)
         matrix(p + "ffn_gate.weight", inter, hidden)
         matrix(p + "ffn_up.weight", inter, hidden)
-        matrix(p + "ffn_down.weight", hidden, inter)
+        matrix(p + "ffn_down.weight", hidden, inter,
+               gguf.GGMLQuantizationType.Q8_0 if b == layers - 1 else gguf.GGMLQuantizationType.Q4_1)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -506,7 +507,8 @@ def test_gguf_blocks_kept_quantized_and_stored(tmp_path, cache_dir):
     path = write_tiny_gguf(tmp_path / "q.gguf", quantized=True)
     first = load(str(path), progress=False)
     assert first.runtime.exact and first.runtime.weights.value == "int4"
-    assert first.runtime.layers.get("int4 from GGUF Q4_1") == 14  # 7 linear layers x 2 blocks
+    assert first.runtime.layers.get("int4 from GGUF Q4_1") == 13  # 7 linear layers x 2 blocks, one Q8_0
+    assert first.runtime.layers.get("8-bit groups from GGUF Q8_0") == 1
     assert not list(cache_dir.rglob("model*.safetensors"))  # no dequantized float32 copy kept
     second = load(str(path), progress=False)
     assert second.from_cache and second.source.endswith("-int4")
@@ -515,6 +517,21 @@ def test_gguf_blocks_kept_quantized_and_stored(tmp_path, cache_dir):
     assert not reference.runtime.exact
     diff = (logits(first) - logits(reference)).abs().max()
     assert diff < 0.05 * logits(reference).abs().max()
+
+
+def test_int4_all_requantizes_the_higher_precision_tensors(tmp_path, cache_dir):
+    """`int4-all` keeps the 4-bit blocks and re-quantizes the rest to 4 bits (a Q8_0 projection here), exact passes
+    still; it is what "auto" means for a model loaded as a draft."""
+    path = write_tiny_gguf(tmp_path / "q.gguf", quantized=True)
+    int4 = load(str(path), progress=False)
+    lean = load(str(path), progress=False, weights="int4-all")
+    assert lean.runtime.exact and lean.runtime.weights.value == "int4-all"
+    assert lean.runtime.layers.get("int4 from GGUF Q4_1") == 13
+    assert lean.runtime.layers.get("int4 re-quantized from GGUF Q8_0") == 1
+    assert int4.runtime.layers.get("8-bit groups from GGUF Q8_0") == 1
+    assert load(str(path), progress=False, draft=True).runtime.weights.value == "int4-all"
+    diff = (logits(lean) - logits(int4)).abs().max()
+    assert 0 < diff < 0.1 * logits(int4).abs().max()
 
 
 def test_unknown_weights_mode_is_refused(tiny_gguf):

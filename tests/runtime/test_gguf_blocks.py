@@ -34,6 +34,10 @@ def test_codes_rebuild_the_dequantized_tensor(kind):
     assert np.allclose(rebuilt.reshape(rows, cols).numpy(), dense, rtol=1e-5, atol=1e-6)
     module = Int4Linear(codes.codes, codes.scales, codes.minimums)  # the same values, nothing rounded
     assert torch.equal(module.weight, rebuilt.reshape(rows, cols))
+    assert (codes.factors is not None) == (kind == "Q4_K")
+    if codes.factors is not None:  # held as GGUF's two factors: the same weight, 8-bit steps
+        factored = Int4Linear(codes.codes, codes.scales, codes.minimums, factors=codes.factors)
+        assert factored.scale.dtype == torch.uint8 and torch.equal(factored.weight, module.weight)
 
 
 def test_q8_0_is_exact():

@@ -185,14 +185,15 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _own_storage(model: nn.Module) -> None:
-    """Give the float tensors left (norms, biases, rotary buffers) storage of their own: loaded from a
-    memory-mapped checkpoint they are slices of it, and would keep the whole float32 file resident."""
+    """Give every tensor storage of its own: loaded from a memory-mapped checkpoint they are slices of it, which
+    would keep a whole float32 file resident, and sit wherever the file put them (torch's int8 kernel crashed on
+    codes 8 bytes off a 64-byte boundary); torch's allocator aligns what it allocates."""
     with torch.no_grad():
         for module in model.modules():
             for name, param in list(module.named_parameters(recurse=False)):
                 param.data = param.data.clone()
             for name, buf in list(module.named_buffers(recurse=False)):
-                if buf is not None and buf.is_floating_point():
+                if buf is not None:
                     setattr(module, name, buf.clone())
     gc.collect()
     _trim_heap()
