@@ -89,11 +89,9 @@ def _compiled_copy(fn):
     # The graphs do not re-check the model's modules on every call (that check cost about 2 ms a pass): the
     # model must not change while it has compiled passes, which is why module swaps (`layer_skip.gated`)
     # refuse a compiled model. `cpp_wrapper`: the graph's kernels are called from C++ rather than from
-    # generated Python (about 2 ms less a pass on SmolLM2-135M; compiling takes longer). `split_reductions` off:
-    # inductor would otherwise split a long reduction (an RMS norm over a wide hidden state) into partial sums
-    # when a graph has one row, and not when it has many, so the width-1 graph would round differently.
+    # generated Python (about 2 ms less a pass on SmolLM2-135M; compiling takes longer).
     return torch.compile(own, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-                                       "cpp_wrapper": True, "split_reductions": False})
+                                       "cpp_wrapper": True})
 
 
 class CompiledPasses:
