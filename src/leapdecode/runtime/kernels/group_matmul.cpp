@@ -47,39 +47,34 @@ using leapdecode::load;
 using leapdecode::splat;
 using leapdecode::store;
 using leapdecode::v16;
-// 16 float16 values widened (exact either way)
-inline v16 load(const at::Half* p) {
+// 16 float32, float16 or uint8 values as float32 lanes (exact)
 #if defined(__AVX512F__)
+inline v16 from_register(__m512 wide) {
   v16 r;
-  const __m512 wide = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   std::memcpy(&r, &wide, 64);
   return r;
+}
+inline v16 lanes_of(const float* p) { return load(p); }
+inline v16 lanes_of(const at::Half* p) {
+  return from_register(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+inline v16 lanes_of(const uint8_t* p) {
+  return from_register(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+}
 #else
+template <typename T>
+inline v16 lanes_of(const T* p) {
   v16 r;
   for (int l = 0; l < kCols; ++l) r[l] = static_cast<float>(p[l]);
   return r;
-#endif
 }
-
-// 16 uint8 values widened (exact)
-inline v16 load(const uint8_t* p) {
-#if defined(__AVX512F__)
-  v16 r;
-  const __m512 wide = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  std::memcpy(&r, &wide, 64);
-  return r;
-#else
-  v16 r;
-  for (int l = 0; l < kCols; ++l) r[l] = static_cast<float>(p[l]);
-  return r;
 #endif
-}
 
 // The per-group values (scale or minimum) of the 16 columns of one block, stored as they are (T: float or half).
 template <typename T>
 struct Direct {
   const T* p;
-  v16 at(int64_t g) const { return load(p + g * kCols); }
+  v16 at(int64_t g) const { return lanes_of(p + g * kCols); }
   Direct block(int64_t b, int64_t groups) const { return {p + b * groups * kCols}; }
 };
 
@@ -88,7 +83,7 @@ struct Factored {
   static constexpr int64_t kSpan = 8;
   const uint8_t* step;
   const at::Half* unit;
-  v16 at(int64_t g) const { return load(step + g * kCols) * load(unit + (g / kSpan) * kCols); }
+  v16 at(int64_t g) const { return lanes_of(step + g * kCols) * lanes_of(unit + (g / kSpan) * kCols); }
   Factored block(int64_t b, int64_t groups) const {
     return {step + b * groups * kCols, unit + b * (groups / kSpan) * kCols};
   }
