@@ -214,7 +214,7 @@ def generate(model, prompt, method: str = "pld", draft=None, *, chat: bool | Non
 
     model = model if isinstance(model, LoadedModel) else load(model)
     if draft is not None and not isinstance(draft, LoadedModel):
-        draft = load(draft)
+        draft = load(draft, draft=True)
     decoder = Decoder(model, method=method, draft=draft, **(method_options or {}))
     if stream:
         return decoder.stream(prompt, chat=chat, **settings)

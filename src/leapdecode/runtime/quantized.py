@@ -212,15 +212,14 @@ class ScaleFactors:
 
     @staticmethod
     def product(steps: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        """(out, groups) float32 values from steps (out, groups) and units (out, groups / SPAN)."""
+        """Float32 values from steps (out, groups, ...) and units (out, groups / SPAN, ...): per row, or in the
+        kernel's (blocks, groups, 16) layout."""
         return steps.float() * units.float().repeat_interleave(SPAN, dim=1)
 
 
 def expand_scales(values: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     """A kernel-layout (blocks, groups, 16) scale tensor as float32: factored steps (uint8) times their units."""
-    if values.dtype != torch.uint8:
-        return values.float()
-    return values.float() * unit.float().repeat_interleave(SPAN, dim=1)
+    return ScaleFactors.product(values, unit) if values.dtype == torch.uint8 else values.float()
 
 
 def reference_group_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
