@@ -24,7 +24,7 @@ def add_model_arguments(p: argparse.ArgumentParser, compile: bool = False) -> No
                    "decide how many of its tokens are accepted, never the output)")
     if compile:
         p.add_argument("--compile", action="store_true",
-                       help="run the passes as compiled graphs (int4/int8): faster passes after minutes of "
+                       help="run the passes as compiled graphs (int4, int4-all, int8): faster passes after minutes of "
                        "compiling at load the first time (then read from disk); refused for models with "
                        "sliding-window layers and for models whose graphs fail the load-time exactness check")
 

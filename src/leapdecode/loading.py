@@ -480,8 +480,8 @@ def load(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device:
     kept as they are), `int4-all` (every layer in 4-bit groups; the "auto" choice for `draft=True`, a model loaded
     to draft for another), `int8`, `bf16`, or `fp32` (the float32 reference). The int modes compute row-invariant
     passes, which makes lossless methods bitwise identical to plain decoding.
-    `compile`: run the passes of single-sequence decoding as compiled graphs (runtime/compiled.py; int4/int8
-    only; compiled and checked row-invariant here, minutes the first time, then read from inductor's disk cache).
+    `compile`: run the passes of single-sequence decoding as compiled graphs (runtime/compiled.py; int4, int4-all,
+    int8 only; compiled and checked row-invariant here, minutes the first time, then read from inductor's disk cache).
 
     Raises ModelNotFoundError (one line, saying what was tried) when nothing matches, and for a preset
     whose packages are missing (with the pip command that installs them).

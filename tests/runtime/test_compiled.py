@@ -133,7 +133,7 @@ def test_a_mode_without_exact_passes_is_refused():
     model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB, 1), attn_implementation="sdpa").eval()
     loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer(VOCAB), name="tiny-fp32", context_length=512,
                          runtime=apply_runtime(model, Weights.FP32))
-    with pytest.raises(InvalidSettingError, match="int4 or int8"):
+    with pytest.raises(InvalidSettingError, match="int4, int4-all or int8"):
         with_compiled_passes(loaded, progress=False)
 
 
