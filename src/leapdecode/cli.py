@@ -164,8 +164,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     print("KV-cache compression (--kv-cache quant|gear, with any method) is lossy; a lossless method on a "
           "compressed cache gives the tokens ar gives on that cache")
     print("lossless is bitwise under --weights int4 (the CPU default), int4-all and int8, whose passes are "
-          "row-invariant; under --weights bf16 or fp32 it means identical up to floating-point noise (a near-tie may break "
-          "differently in a pass of another shape; the bench counts identical outputs); --compile keeps it "
+          "row-invariant; under --weights bf16 or fp32 it means identical up to floating-point noise (a near-tie "
+          "may break differently in a pass of another shape; the bench counts identical outputs); --compile keeps it "
           "bitwise (every pass of a model through the same compiled graphs)")
     return 0
 
