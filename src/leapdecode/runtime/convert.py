@@ -1,8 +1,8 @@
 """The one seam where a loaded transformers model gets its runtime: quantized modules and the exact attention.
 
 `apply_runtime(model, weights, gguf)` swaps every `nn.Linear` (and the input embedding) for a module of
-`quantized.py` and, in the modes that claim exactness, selects the row-invariant attention of `attention.py`
-through `set_attn_implementation`. Nothing else in the model changes: its modeling code, cache, masks and
+`quantized.py` and, in the modes that claim exactness, swaps RMS norms and gated MLPs for the one-call modules of
+`fused.py` and selects the row-invariant attention of `attention.py` through `set_attn_implementation`. Nothing else in the model changes: its modeling code, cache, masks and
 position ids are transformers' own.
 
 | `weights` | linear layers | embedding | attention | exact (row-invariant) |
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import attention
+from . import attention, fused
 from .gguf_blocks import FOUR_BIT, grouped_codes, permute_rows, q8_0_codes
 from .quantized import SOURCE_ROWS, BF16Linear, Int4Linear, Int8GroupLinear, Int8Linear, QuantEmbedding
 
@@ -229,5 +229,6 @@ def apply_runtime(model: nn.Module, weights: Weights, gguf_path: str | Path | No
     del gguf  # its memory map of the file, before the heap is trimmed
     _own_storage(model)
     if weights.exact:
+        counts.update(fused.fuse(model))
         model.set_attn_implementation(attention.register())
     return RuntimeInfo(weights, exact=weights.exact, layers=dict(counts))

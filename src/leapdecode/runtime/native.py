@@ -16,7 +16,8 @@ import threading
 from pathlib import Path
 
 _NAME = "leapdecode_kernels"
-_SOURCES = [Path(__file__).parent / "kernels" / f for f in ("bindings.cpp", "row_attention.cpp", "group_matmul.cpp")]
+_SOURCES = [Path(__file__).parent / "kernels" / f for f in ("bindings.cpp", "row_attention.cpp", "group_matmul.cpp",
+                                                                "rms_norm.cpp")]
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-march=native", "-fopenmp"]
 _LOCK = threading.Lock()
 _STATE: dict = {}

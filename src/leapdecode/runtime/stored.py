@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .convert import RuntimeInfo, Weights, _own_storage, _replace, attention
+from . import attention, fused
+from .convert import RuntimeInfo, Weights, _own_storage, _replace
 from .quantized import BF16Linear, Int4Linear, Int8GroupLinear, Int8Linear, QuantEmbedding, _QuantLinear
 
 MARKER = "runtime.json"
@@ -107,11 +108,13 @@ def load(folder: Path) -> tuple[nn.Module, object, RuntimeInfo]:
     model.requires_grad_(False)
     _own_storage(model)
     weights = Weights(record["weights"])
+    layers = {kind: n for kind, n in record["layers"].items() if kind not in fused.FUSED_KINDS}
     if weights.exact:
+        layers.update(fused.fuse(model))  # not stored: the same state dict either way
         model.set_attn_implementation(attention.register())
     from transformers import GenerationConfig
 
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return model, tokenizer, RuntimeInfo(weights, exact=weights.exact, layers=record["layers"])
+    return model, tokenizer, RuntimeInfo(weights, exact=weights.exact, layers=layers)

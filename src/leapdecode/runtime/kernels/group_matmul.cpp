@@ -237,6 +237,70 @@ void dispatch(int64_t bits, const uint8_t* codes, const S& scale, const S& minim
   bits == 4 ? run<4, S>(codes, scale, minimum, x, rows, n, k, out) : run<8, S>(codes, scale, minimum, x, rows, n, k, out);
 }
 
+// One weight matrix as Python hands it over (GroupLinear's buffers): codes, scale, minimum, scale_unit,
+// minimum_unit, and its bits.
+struct Matrix {
+  const at::Tensor &codes, &scale, &minimum, &scale_unit, &minimum_unit;
+  int64_t bits;
+
+  // the output width n, after checking the tensors against an input width k
+  int64_t check(int64_t k) const {
+    TORCH_CHECK(codes.dtype() == at::kByte && codes.dim() == 3 && codes.is_contiguous(), "codes: (n/16, k/32, bytes)");
+    TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
+    const int64_t n = codes.size(0) * kCols;
+    TORCH_CHECK(codes.size(1) * kGroup == k && codes.size(2) == (bits == 4 ? 256 : 512), "codes do not match x");
+    const auto dtype = scale.scalar_type();
+    TORCH_CHECK(scale.sizes() == minimum.sizes() && dtype == minimum.scalar_type() &&
+                    (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kByte) && scale.is_contiguous() &&
+                    minimum.is_contiguous() && scale.numel() == n / kCols * (k / kGroup) * kCols,
+                "scale, minimum: (n/16, k/32, 16), both float32, both float16 or both uint8 steps");
+    if (dtype == at::kByte) {
+      TORCH_CHECK((k / kGroup) % Factored::kSpan == 0 && scale_unit.scalar_type() == at::kHalf &&
+                      minimum_unit.scalar_type() == at::kHalf && scale_unit.is_contiguous() &&
+                      minimum_unit.is_contiguous() &&
+                      scale_unit.numel() == n / kCols * (k / kGroup / Factored::kSpan) * kCols &&
+                      minimum_unit.numel() == scale_unit.numel(),
+                  "scale_unit, minimum_unit: (n/16, k/256, 16) float16 with uint8 steps");
+    }
+    return n;
+  }
+
+  // out (rows, n) = the quantized rows x times this matrix
+  void apply(const Rows& x, int64_t rows, int64_t k, float* out) const {
+    const int64_t n = codes.size(0) * kCols;
+    const uint8_t* c = codes.data_ptr<uint8_t>();
+    const auto dtype = scale.scalar_type();
+    if (dtype == at::kFloat) {
+      dispatch(bits, c, Direct<float>{scale.data_ptr<float>()}, Direct<float>{minimum.data_ptr<float>()}, x, rows, n,
+               k, out);
+    } else if (dtype == at::kHalf) {
+      dispatch(bits, c, Direct<at::Half>{scale.data_ptr<at::Half>()}, Direct<at::Half>{minimum.data_ptr<at::Half>()},
+               x, rows, n, k, out);
+    } else {
+      dispatch(bits, c, Factored{scale.data_ptr<uint8_t>(), scale_unit.data_ptr<at::Half>()},
+               Factored{minimum.data_ptr<uint8_t>(), minimum_unit.data_ptr<at::Half>()}, x, rows, n, k, out);
+    }
+  }
+};
+
+Matrix matrix_of(const std::vector<at::Tensor>& t, int64_t bits) {
+  TORCH_CHECK(t.size() == 5, "a matrix is (codes, scale, minimum, scale_unit, minimum_unit)");
+  return {t[0], t[1], t[2], t[3], t[4], bits};
+}
+
+enum Activation : int64_t { kSilu = 0, kGeluTanh = 1 };
+
+// a(g) * u lane-wise: silu(g) = g / (1 + exp(-g)); gelu_tanh(g) = g / 2 * (1 + tanh(c (g + 0.044715 g^3))), with
+// tanh(y) = 1 - 2 / (exp(2y) + 1). Fixed operations per lane (the lanes of a row are its columns, so a value's bits
+// depend only on its own inputs).
+inline v16 gated(v16 g, v16 u, int64_t activation) {
+  const v16 one = splat(1.0f);
+  if (activation == kSilu) return (g / (one + leapdecode::exp_lanes(-g))) * u;
+  const v16 y = (g + (g * g * g) * 0.044715f) * 0.7978845608028654f;
+  const v16 tanh = one - splat(2.0f) / (leapdecode::exp_lanes(y + y) + one);
+  return ((g * 0.5f) * (one + tanh)) * u;
+}
+
 }  // namespace
 
 // x (rows, k) float32; codes (n / 16, k / 32, 256 or 512) uint8; scale, minimum (n / 16, k / 32, 16) float32 or
@@ -246,37 +310,36 @@ at::Tensor group_matmul(const at::Tensor& x, const at::Tensor& codes, const at::
                         const at::Tensor& minimum, const at::Tensor& scale_unit, const at::Tensor& minimum_unit,
                         int64_t bits) {
   TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous (rows, k) float32");
-  TORCH_CHECK(codes.dtype() == at::kByte && codes.dim() == 3 && codes.is_contiguous(), "codes: (n/16, k/32, bytes)");
-  TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
-  const int64_t rows = x.size(0), k = x.size(1), n = codes.size(0) * kCols;
-  TORCH_CHECK(codes.size(1) * kGroup == k && codes.size(2) == (bits == 4 ? 256 : 512), "codes do not match x");
-  const auto dtype = scale.scalar_type();
-  TORCH_CHECK(scale.sizes() == minimum.sizes() && dtype == minimum.scalar_type() &&
-                  (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kByte) && scale.is_contiguous() &&
-                  minimum.is_contiguous() && scale.numel() == n / kCols * (k / kGroup) * kCols,
-              "scale, minimum: (n/16, k/32, 16), both float32, both float16 or both uint8 steps");
-  if (dtype == at::kByte) {
-    TORCH_CHECK((k / kGroup) % Factored::kSpan == 0 && scale_unit.scalar_type() == at::kHalf &&
-                    minimum_unit.scalar_type() == at::kHalf && scale_unit.is_contiguous() &&
-                    minimum_unit.is_contiguous() &&
-                    scale_unit.numel() == n / kCols * (k / kGroup / Factored::kSpan) * kCols &&
-                    minimum_unit.numel() == scale_unit.numel(),
-                "scale_unit, minimum_unit: (n/16, k/256, 16) float16 with uint8 steps");
-  }
+  const Matrix w{codes, scale, minimum, scale_unit, minimum_unit, bits};
+  const int64_t rows = x.size(0), k = x.size(1), n = w.check(k);
   at::Tensor out = at::empty({rows, n}, x.options());
   if (rows == 0) return out;
+  w.apply(quantize(x.data_ptr<float>(), rows, k), rows, k, out.data_ptr<float>());
+  return out;
+}
+
+// A gated MLP in one call: down(act(gate(x)) * up(x)), each matrix given as group_matmul takes it (a list of codes,
+// scale, minimum, scale_unit, minimum_unit; `bits` one per matrix). x is quantized once for gate and up; the
+// activation's output is quantized like any matmul input. Row-invariant like group_matmul.
+at::Tensor group_mlp(const at::Tensor& x, const std::vector<at::Tensor>& gate, const std::vector<at::Tensor>& up,
+                     const std::vector<at::Tensor>& down, const std::vector<int64_t>& bits, int64_t activation) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous (rows, k) float32");
+  TORCH_CHECK(bits.size() == 3, "bits: one per matrix (gate, up, down)");
+  TORCH_CHECK(activation == kSilu || activation == kGeluTanh, "activation: 0 (silu) or 1 (gelu_tanh)");
+  const Matrix g = matrix_of(gate, bits[0]), u = matrix_of(up, bits[1]), d = matrix_of(down, bits[2]);
+  const int64_t rows = x.size(0), k = x.size(1), inner = g.check(k);
+  TORCH_CHECK(u.check(k) == inner, "gate and up differ in width");
+  const int64_t n = d.check(inner);
+  at::Tensor out = at::empty({rows, n}, x.options());
+  if (rows == 0) return out;
+  at::Tensor hidden = at::empty({2, rows, inner}, x.options());
+  float* gh = hidden.data_ptr<float>();
+  float* uh = gh + rows * inner;
   const Rows q = quantize(x.data_ptr<float>(), rows, k);
-  const uint8_t* c = codes.data_ptr<uint8_t>();
-  float* o = out.data_ptr<float>();
-  if (dtype == at::kFloat) {
-    dispatch(bits, c, Direct<float>{scale.data_ptr<float>()}, Direct<float>{minimum.data_ptr<float>()}, q, rows, n, k,
-             o);
-  } else if (dtype == at::kHalf) {
-    dispatch(bits, c, Direct<at::Half>{scale.data_ptr<at::Half>()}, Direct<at::Half>{minimum.data_ptr<at::Half>()}, q,
-             rows, n, k, o);
-  } else {
-    dispatch(bits, c, Factored{scale.data_ptr<uint8_t>(), scale_unit.data_ptr<at::Half>()},
-             Factored{minimum.data_ptr<uint8_t>(), minimum_unit.data_ptr<at::Half>()}, q, rows, n, k, o);
-  }
+  g.apply(q, rows, k, gh);
+  u.apply(q, rows, k, uh);
+  for (int64_t i = 0; i + kCols <= rows * inner; i += kCols)  // inner is a multiple of 16: whole rows
+    store(gh + i, gated(load(gh + i), load(uh + i), activation));
+  d.apply(quantize(gh, rows, inner), rows, inner, out.data_ptr<float>());
   return out;
 }

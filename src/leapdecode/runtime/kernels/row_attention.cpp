@@ -30,6 +30,7 @@ namespace {
 
 using leapdecode::i16;
 using leapdecode::kLanes;
+using leapdecode::lane_sum;
 using leapdecode::load;
 using leapdecode::splat;
 using leapdecode::store;
@@ -86,36 +87,10 @@ inline v16 lane_sums(v16* a) {
          __builtin_shuffle(a[0], a[1], i16{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
 }
 
-// the 16 lanes added pairwise: lanes i and i + w, for w = 8, 4, 2, 1
-inline float lane_sum(v16 a) {
-  a = a + __builtin_shuffle(a, i16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  a = a + __builtin_shuffle(a, i16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-  a = a + __builtin_shuffle(a, i16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-  a = a + __builtin_shuffle(a, i16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-  return a[0];
-}
-
-// exp(x) for x <= 0 (scores minus their maximum): Cody-Waite reduction and a degree-6 polynomial; 0 below -87
+// exp(x) for x <= 0 (scores minus their maximum); 0 below -87
 inline v16 exp_nonpositive(v16 x) {
   const v16 lo = splat(-87.0f);
-  const v16 xc = x < lo ? lo : x;
-  const v16 shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  const v16 n = (xc * 1.44269504088896341f + shifter) - shifter;
-  v16 r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  v16 p = splat(1.98756915e-4f);
-  p = p * r + 1.39819994e-3f;
-  p = p * r + 8.33345205e-3f;
-  p = p * r + 4.16657962e-2f;
-  p = p * r + 1.66666657e-1f;
-  p = p * r + 5.0e-1f;
-  p = (p * r) * r + r;
-  p = p + 1.0f;
-  const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
-  v16 scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const v16 y = p * scale;
-  return x < lo ? v16{} : y;
+  return x < lo ? v16{} : leapdecode::exp_lanes(x);
 }
 
 struct Strides {
