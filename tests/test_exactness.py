@@ -40,7 +40,8 @@ def test_ar_matches_transformers_generate(arch):
         assert ours == ref[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("options", [{}, {"num_draft_tokens": 3, "max_ngram": 2}, {"adaptive": True, "min_ngram": 2}])
+@pytest.mark.parametrize("options", [{}, {"num_draft_tokens": 3, "max_ngram": 2}, {"adaptive": True, "min_ngram": 2},
+                                     {"occurrence": "earliest", "max_ngram": 2}])
 def test_pld_greedy_equals_ar(arch, options):
     target = tiny_loaded(arch, scale=6.0)
     ar, pld = Decoder(target, "ar"), Decoder(target, "pld", **options)

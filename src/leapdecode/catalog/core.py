@@ -16,7 +16,7 @@ def _pld(build: MethodBuild) -> Drafter:
 
     # num_branches > 1: several matches merged into one tree (multi-candidate pld; `pld-tree` is that preset)
     opts = take_options(build.options, {"max_ngram": 3, "min_ngram": 1, "num_draft_tokens": 4, "adaptive": True,
-                                        "num_branches": 1, "max_nodes": 32}, "pld")
+                                        "num_branches": 1, "max_nodes": 32, "occurrence": "recent"}, "pld")
     try:
         return PromptLookupDrafter(**opts)
     except ValueError as err:

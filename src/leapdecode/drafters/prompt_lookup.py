@@ -3,7 +3,9 @@
 Input-guided aggressive decoding (Sun et al., "Lossless Acceleration for Seq2seq Generation with
 Aggressive Decoding", 2022) and prompt lookup decoding (Saxena, 2023): when the output copies the input,
 the tokens that followed the last n-gram's earlier occurrence are a cheap, often right, draft. The match
-is searched in the prompt and in the output so far, longest n-gram first, most recent occurrence first.
+is searched in the prompt and in the output so far, longest n-gram first, most recent occurrence first
+(`occurrence="recent"`), or the earliest occurrence first (`occurrence="earliest"`, as transformers' prompt
+lookup does: in an edit of a given text that is usually the text itself rather than the output's own repeats).
 
 Multi-candidate drafting (method `pld-tree`, `num_branches` > 1): the continuations of several matches
 (different occurrences, different n-gram lengths) are merged into one token tree (at most `max_nodes`
@@ -21,15 +23,20 @@ from .trie import trie_from_sequences
 
 
 class PromptLookupDrafter(Drafter):
+    OCCURRENCES = ("recent", "earliest")
+
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_draft_tokens: int = 10, adaptive: bool = False,
-                 num_branches: int = 1, max_nodes: int = 32):
+                 num_branches: int = 1, max_nodes: int = 32, occurrence: str = "recent"):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         if num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
         if num_branches < 1 or max_nodes < 1:
             raise ValueError(f"num_branches and max_nodes must be >= 1, got {num_branches}, {max_nodes}")
+        if occurrence not in self.OCCURRENCES:
+            raise ValueError(f"occurrence must be one of {', '.join(self.OCCURRENCES)}, got {occurrence!r}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.earliest = occurrence == "earliest"
         self.num_branches, self.max_nodes = num_branches, max_nodes
         self.length = AdaptiveLength(num_draft_tokens, high=max(num_draft_tokens, 32), enabled=adaptive)
 
@@ -44,7 +51,8 @@ class PromptLookupDrafter(Drafter):
             found = find_continuations(np.asarray(ctx.tokens, dtype=np.int64), self.min_ngram, self.max_ngram,
                                        budget, self.num_branches)
             return trie_from_sequences(found, min(ctx.max_tokens, self.max_nodes))
-        found = find_continuation(np.asarray(ctx.tokens, dtype=np.int64), self.min_ngram, self.max_ngram, budget)
+        found = find_continuation(np.asarray(ctx.tokens, dtype=np.int64), self.min_ngram, self.max_ngram, budget,
+                                  self.earliest)
         if found is None:
             return None
         draft, matched = found
@@ -56,15 +64,18 @@ class PromptLookupDrafter(Drafter):
 
 
 def find_continuation(tokens: np.ndarray, min_ngram: int, max_ngram: int,
-                      length: int) -> tuple[np.ndarray, int] | None:
+                      length: int, earliest: bool = False) -> tuple[np.ndarray, int] | None:
     """The `length` tokens (or fewer) that followed the most recent earlier occurrence of the longest
     suffix n-gram (n from max_ngram down to min_ngram), preferring an occurrence with a full-length
-    continuation, and that n; None when nothing matches."""
+    continuation, and that n; with `earliest`, the first occurrence instead; None when nothing matches."""
     total = tokens.shape[0]
     for n in range(min(max_ngram, total - 1), min_ngram - 1, -1):
         suffix = tokens[total - n :]
         windows = np.lib.stride_tricks.sliding_window_view(tokens[: total - 1], n)  # starts 0..total-1-n
         hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if hits.size and earliest:
+            start = int(hits[0]) + n
+            return tokens[start : start + length], n
         if hits.size:
             # most recent occurrence that still has `length` tokens after it, else the earliest one
             full = hits[hits + n + length <= total]
