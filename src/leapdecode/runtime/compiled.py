@@ -90,8 +90,11 @@ def _compiled_copy(fn):
     # model must not change while it has compiled passes, which is why module swaps (`layer_skip.gated`)
     # refuse a compiled model. `cpp_wrapper`: the graph's kernels are called from C++ rather than from
     # generated Python (about 2 ms less a pass on SmolLM2-135M; compiling takes longer).
-    return torch.compile(own, options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-                                       "cpp_wrapper": True})
+    # `fullgraph`: one graph per pass or an error; a graph break would compile the decoder layers as frames of their
+    # own, and those (without the module checks) would be shared by layers whose weights differ in shape
+    return torch.compile(own, fullgraph=True,
+                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                                  "cpp_wrapper": True})
 
 
 class CompiledPasses:

@@ -87,23 +87,17 @@ class FusedRMSNorm(nn.Module):
         super().__init__()
         self.weight = weight  # the module's own parameter, under its own name
         self.eps, self.offset = float(eps), float(offset)
-        self._scale: torch.Tensor | None = None
-
-    def scale(self) -> torch.Tensor:
-        """offset + weight in float32, computed once (the weights do not change in inference)."""
-        if self._scale is None or self._scale.device != self.weight.device:
-            with torch.no_grad():
-                w = self.weight.detach().float()
-                self._scale = (w + self.offset if self.offset else w).contiguous()
-        return self._scale
+        with torch.no_grad():  # offset + weight, once (not in the state dict: the weight is)
+            scale = weight.detach().float()
+            self.register_buffer("scale", (scale + offset if offset else scale).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return torch.ops.leapdecode.rms_norm(x.contiguous(), self.scale(), self.eps)
+            return torch.ops.leapdecode.rms_norm(x.contiguous(), self.scale, self.eps)
         kernels = native.kernels()
-        if kernels is None:  # the Python routines serve (LEAPDECODE_NATIVE=0 after the swap)
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale()
-        return kernels.rms_norm(x.contiguous(), self.scale(), self.eps)
+        if kernels is None:  # the Python routines serve (the kernels turned off after the swap)
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale
+        return kernels.rms_norm(x.contiguous(), self.scale, self.eps)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset}"
@@ -122,8 +116,9 @@ class FusedMLP(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = native.kernels()
-        if kernels is None and not torch.compiler.is_compiling():  # the Python routines serve
+        compiling = torch.compiler.is_compiling()  # (native.kernels() takes a lock: not inside a graph)
+        kernels = None if compiling else native.kernels()
+        if kernels is None and not compiling:  # the Python routines serve (the kernels turned off after the swap)
             gate = self.gate_proj(x)
             act = F.silu(gate) if self.activation is Activation.SILU else F.gelu(gate, approximate="tanh")
             return self.down_proj(act * self.up_proj(x))
@@ -131,7 +126,7 @@ class FusedMLP(nn.Module):
         rows = x.reshape(-1, shape[-1]).float().contiguous()
         args = (rows, _matrix(self.gate_proj), _matrix(self.up_proj), _matrix(self.down_proj),
                 [self.gate_proj.BITS, self.up_proj.BITS, self.down_proj.BITS], int(self.activation))
-        y = torch.ops.leapdecode.group_mlp(*args) if torch.compiler.is_compiling() else kernels.group_mlp(*args)
+        y = torch.ops.leapdecode.group_mlp(*args) if compiling else kernels.group_mlp(*args)
         return y.to(x.dtype).reshape(*shape[:-1], self.down_proj.out_features)
 
     def extra_repr(self) -> str:
