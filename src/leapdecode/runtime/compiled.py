@@ -147,8 +147,9 @@ class CompiledPasses:
     def warm_up(self, probe_width: int = 8) -> bool:
         """Compile (or read back from inductor's disk cache) the two graphs decoding uses, width 1 and wider, and
         check on this model that they agree: `probe_width` tokens fed one by one and as one chain must give
-        bitwise equal logits and cache entries. Returns whether they do (on SmolLM2-135M they do; on
-        Qwen2.5-Coder-1.5B inductor's kernels for the two graphs rounded some rows differently)."""
+        bitwise equal logits and cache entries. Returns whether they do (before the RMS norms and MLPs became
+        opaque C++ ops, runtime/fused.py, inductor's kernels for Qwen2.5-Coder-1.5B's two graphs rounded some rows
+        differently; with them its graphs pass, as SmolLM2-135M's always did)."""
         from .cache import GrowingCache
 
         vocab = self.model.config.get_text_config().vocab_size
