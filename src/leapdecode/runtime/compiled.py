@@ -18,8 +18,8 @@ CausalLM ──► CompiledPasses(input_ids, position_ids, cache, 4-D mask)
 Two graphs serve every pass of a sequence batch: width 1 (decoding steps) and any width >= 2 (chains, trees,
 with the tree's ancestor mask taken from the context), both returning the hidden states too (one graph whether
 or not a drafter reads them: a graph without those outputs could fuse, and round, differently), each compiled
-on first use (about a minute for
-SmolLM2-135M on two cores, then read from inductor's on-disk cache in later processes). Inductor's fused
+on first use (minutes on two cores, mostly g++ on the C++ wrapper; then read from inductor's on-disk cache in
+later processes). Inductor's fused
 kernels compute each row the same way whatever the number of rows, so a token's logits are bitwise identical
 alone, in a chain and in a tree (tests/runtime/test_compiled.py); they are not bitwise equal to the eager
 runtime's, so within a process every pass of a model goes through the graph or none does. A prompt fed alone
