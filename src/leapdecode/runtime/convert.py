@@ -1,9 +1,10 @@
 """The one seam where a loaded transformers model gets its runtime: quantized modules and the exact attention.
 
 `apply_runtime(model, weights, gguf)` swaps every `nn.Linear` (and the input embedding) for a module of
-`quantized.py` and, in the modes that claim exactness, swaps RMS norms and gated MLPs for the one-call modules of
-`fused.py` and selects the row-invariant attention of `attention.py` through `set_attn_implementation`. Nothing else in the model changes: its modeling code, cache, masks and
-position ids are transformers' own.
+`quantized.py` and, in the modes that claim exactness (`use_exact_passes`), swaps RMS norms and gated MLPs for
+the one-call modules of `fused.py` and selects the row-invariant attention of `attention.py` through
+`set_attn_implementation`. Nothing else in the model changes: its modeling code, cache, masks and position ids
+are transformers' own.
 
 | `weights` | linear layers | embedding | attention | exact (row-invariant) |
 | --- | --- | --- | --- | --- |
@@ -229,6 +230,14 @@ def apply_runtime(model: nn.Module, weights: Weights, gguf_path: str | Path | No
     del gguf  # its memory map of the file, before the heap is trimmed
     _own_storage(model)
     if weights.exact:
-        counts.update(fused.fuse(model))
-        model.set_attn_implementation(attention.register())
+        counts.update(use_exact_passes(model))
     return RuntimeInfo(weights, exact=weights.exact, layers=dict(counts))
+
+
+def use_exact_passes(model: nn.Module) -> dict[str, int]:
+    """The exact modes' part of the seam, for a model whose linear layers are quantized modules already (converted
+    here, or read back by `stored.load`): fused norms and MLPs, and the row-invariant attention. Returns how many
+    modules of each kind were fused."""
+    fused_counts = fused.fuse(model)
+    model.set_attn_implementation(attention.register())
+    return fused_counts

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import attention, fused
-from .convert import RuntimeInfo, Weights, _own_storage, _replace
+from . import fused
+from .convert import RuntimeInfo, Weights, _own_storage, _replace, use_exact_passes
 from .quantized import BF16Linear, Int4Linear, Int8GroupLinear, Int8Linear, QuantEmbedding, _QuantLinear
 
 MARKER = "runtime.json"
@@ -110,8 +110,7 @@ def load(folder: Path) -> tuple[nn.Module, object, RuntimeInfo]:
     weights = Weights(record["weights"])
     layers = {kind: n for kind, n in record["layers"].items() if kind not in fused.FUSED_KINDS}
     if weights.exact:
-        layers.update(fused.fuse(model))  # not stored: the same state dict either way
-        model.set_attn_implementation(attention.register())
+        layers.update(use_exact_passes(model))  # fused modules are not stored: the same state dict either way
     from transformers import GenerationConfig
 
     if (folder / "generation_config.json").is_file():
