@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf_samples import random_q6_k
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
@@ -80,15 +81,16 @@ def save_folder(folder: Path, arch: str = "llama", chat_template: str | None = N
 
 
 def write_tiny_gguf(path: Path, seed: int = 0, quantized: bool = False) -> Path:
-    """A 2-layer qwen2 GGUF (float32 tensors, or with `quantized` Q4_1 linear layers, the last FFN down projection,
-    the embedding and the output layer Q8_0) with a byte-level BPE tokenizer and a ChatML template."""
+    """A 2-layer qwen2 GGUF (float32 tensors, or with `quantized` Q4_1 linear layers, the first FFN down projection
+    Q6_K, the last one, the embedding and the output layer Q8_0) with a byte-level BPE tokenizer and a ChatML
+    template."""
     import gguf
     from gguf.quants import quantize
 
     state = json.loads(bpe_tokenizer().to_str())
     vocab, merges = state["model"]["vocab"], state["model"]["merges"]
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    n, hidden, layers, inter, heads, kv_heads = len(tokens), 64, 2, 128, 4, 2
+    n, hidden, layers, inter, heads, kv_heads = len(tokens), 64, 2, 256, 4, 2
     kv_dim = kv_heads * hidden // heads
     rng = np.random.default_rng(seed)
 
@@ -115,7 +117,9 @@ def write_tiny_gguf(path: Path, seed: int = 0, quantized: bool = False) -> Path:
     w.add_chat_template(CHATML)
     def matrix(name, rows, cols, kind=gguf.GGMLQuantizationType.Q4_1):
         values = rand(rows, cols)
-        if quantized:
+        if quantized and kind == gguf.GGMLQuantizationType.Q6_K:  # gguf reads Q6_K but cannot write it
+            w.add_tensor(name, random_q6_k(rows, cols, seed, unit=4e-5), raw_dtype=kind)
+        elif quantized:
             w.add_tensor(name, quantize(values, kind), raw_dtype=kind)
         else:
             w.add_tensor(name, values)
@@ -137,7 +141,7 @@ def write_tiny_gguf(path: Path, seed: int = 0, quantized: bool = False) -> Path:
         matrix(p + "ffn_gate.weight", inter, hidden)
         matrix(p + "ffn_up.weight", inter, hidden)
         matrix(p + "ffn_down.weight", hidden, inter,
-               gguf.GGMLQuantizationType.Q8_0 if b == layers - 1 else gguf.GGMLQuantizationType.Q4_1)
+               gguf.GGMLQuantizationType.Q8_0 if b == layers - 1 else gguf.GGMLQuantizationType.Q6_K)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -507,8 +511,9 @@ def test_gguf_blocks_kept_quantized_and_stored(tmp_path, cache_dir):
     path = write_tiny_gguf(tmp_path / "q.gguf", quantized=True)
     first = load(str(path), progress=False)
     assert first.runtime.exact and first.runtime.weights.value == "int4"
-    assert first.runtime.layers.get("int4 from GGUF Q4_1") == 13  # 7 linear layers x 2 blocks, one Q8_0
+    assert first.runtime.layers.get("int4 from GGUF Q4_1") == 12  # 7 linear layers x 2 blocks, one Q8_0, one Q6_K
     assert first.runtime.layers.get("8-bit groups from GGUF Q8_0") == 1
+    assert first.runtime.layers.get("6-bit from GGUF Q6_K") == 1
     assert not list(cache_dir.rglob("model*.safetensors"))  # no dequantized float32 copy kept
     second = load(str(path), progress=False)
     assert second.from_cache and second.source.endswith("-int4")
@@ -526,8 +531,9 @@ def test_int4_all_requantizes_the_higher_precision_tensors(tmp_path, cache_dir):
     int4 = load(str(path), progress=False)
     lean = load(str(path), progress=False, weights="int4-all")
     assert lean.runtime.exact and lean.runtime.weights.value == "int4-all"
-    assert lean.runtime.layers.get("int4 from GGUF Q4_1") == 13
+    assert lean.runtime.layers.get("int4 from GGUF Q4_1") == 12
     assert lean.runtime.layers.get("int4 re-quantized from GGUF Q8_0") == 1
+    assert lean.runtime.layers.get("int4 re-quantized from GGUF Q6_K") == 1
     assert int4.runtime.layers.get("8-bit groups from GGUF Q8_0") == 1
     assert load(str(path), progress=False, draft=True).runtime.weights.value == "int4-all"
     diff = (logits(lean) - logits(int4)).abs().max()

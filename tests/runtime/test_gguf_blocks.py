@@ -1,4 +1,4 @@
-"""GGUF 4-bit and 8-bit blocks read as they are: codes, scales and minimums rebuild gguf's own dequantization."""
+"""GGUF 4-, 6- and 8-bit blocks read as they are: codes, scales and minimums rebuild gguf's own dequantization."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +7,10 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
-from leapdecode.runtime.gguf_blocks import grouped_codes, q8_0_codes
-from leapdecode.runtime.quantized import Int4Linear
+from gguf_samples import random_q6_k
+
+from leapdecode.runtime.gguf_blocks import grouped_codes, q6_k_codes, q8_0_codes
+from leapdecode.runtime.quantized import Int4Linear, Int6Linear
 
 
 def _random_q4_k(rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -53,3 +55,17 @@ def test_wrong_dense_values_are_refused():
     raw = quantize(w, T.Q4_1)
     with pytest.raises(ValueError, match="do not rebuild"):
         grouped_codes("Q4_1", raw, w)  # the original values, not what the blocks hold
+
+
+def test_q6_k_is_kept_exactly():
+    """Q6_K's codes, int8 sub-scales and float16 units rebuild gguf's dequantized values bit for bit, in
+    `Int6Linear` too."""
+    rows, cols = 32, 512
+    raw = random_q6_k(rows, cols)
+    dense = dequantize(raw, T.Q6_K).reshape(rows, cols)
+    six = q6_k_codes(raw, dense)
+    assert six.codes.max() <= 63 and six.sub_scales.dtype == torch.int8 and six.units.shape == (rows, cols // 256)
+    module = Int6Linear(six.codes, six.sub_scales, six.units)
+    assert torch.equal(module.weight, torch.from_numpy(dense))
+    with pytest.raises(ValueError, match="do not rebuild"):
+        q6_k_codes(raw, dense + 1e-3)

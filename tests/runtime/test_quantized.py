@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leapdecode.runtime import native
-from leapdecode.runtime.quantized import (NO_UNIT, SPAN, BF16Linear, Int4Linear, Int8GroupLinear, Int8Linear,
-                                          QuantEmbedding, ScaleFactors, pack, per_block, per_row,
-                                          reference_group_matmul, unpack)
+from leapdecode.runtime.quantized import (NO_UNIT, SPAN, BF16Linear, Int4Linear, Int6Linear, Int8GroupLinear,
+                                          Int8Linear, QuantEmbedding, ScaleFactors, pack, pack6, per_block, per_row,
+                                          reference_group_matmul, unpack, unpack6)
 
 
 @pytest.fixture
@@ -61,6 +61,52 @@ def test_codes_are_kept_exactly(bits):
     module = (Int4Linear if bits == 4 else Int8GroupLinear)(codes, scales, minimums)
     expected = codes.float().reshape(32, 2, 32) * scales.unsqueeze(-1) + minimums.unsqueeze(-1)
     assert torch.equal(module.weight, expected.reshape(32, 64))
+
+
+def _six_bit(n: int, k: int, g: torch.Generator):
+    """Random 6-bit weights: codes, int8 sub-scales (the full range) and float16 units."""
+    codes = torch.randint(0, 64, (n, k), generator=g)
+    sub = torch.randint(-128, 128, (n, k // 16), generator=g).to(torch.int8)
+    return codes, sub, (torch.rand(n, k // 256, generator=g) * 0.01).half()
+
+
+def test_six_bit_layout_round_trips_and_holds_the_q6_k_formula():
+    g = torch.Generator().manual_seed(8)
+    codes, sub, units = _six_bit(32, 512, g)
+    packed, packed_sub = pack6(codes, sub)
+    assert packed.shape == (2, 16, 384) and packed_sub.shape == (2, 16, 32)
+    back_codes, back_sub = unpack6(packed, packed_sub)
+    assert torch.equal(back_codes, codes.to(torch.uint8)) and torch.equal(back_sub, sub)
+    module = Int6Linear(codes, sub, units)
+    step = units.float().repeat_interleave(16, 1) * sub.float()
+    expected = step.unsqueeze(-1) * (codes.float() - 32).reshape(32, 32, 16)
+    assert torch.equal(module.weight, expected.reshape(32, 512))
+    shell = Int6Linear.placeholder(module.shape_record())
+    assert [t.shape for t in shell.matrix()[:3]] == [t.shape for t in module.matrix()[:3]]
+    assert [t.dtype for t in shell.matrix()] == [t.dtype for t in module.matrix()]
+    assert not Int6Linear.supports(16, 96) and Int6Linear.supports(16, 256)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 20), blocks=st.integers(1, 2), supers=st.integers(1, 2), zero_group=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_six_bit_kernel_bits_equal_the_reference_and_rows_are_independent(rows, blocks, supers, zero_group, seed):
+    """The 6-bit path of kernels/group_matmul.cpp computes exactly the reference's bits, and the Python module
+    (which calls the kernel when it is built) those too; a row alone gets the bits it gets among others."""
+    g = torch.Generator().manual_seed(seed)
+    n, k = 16 * blocks, 256 * supers
+    module = Int6Linear(*_six_bit(n, k, g))
+    x = torch.randn(rows, k, generator=g) * 10 ** torch.randint(-3, 3, (rows, 1), generator=g).float()
+    if zero_group:
+        x[:, :32] = 0
+    codes, unit, sub = module.matrix()[:3]
+    expected = reference_group_matmul(x, codes, unit, sub, 6)
+    assert torch.equal(module(x), expected)
+    for i in range(rows):
+        assert torch.equal(module(x[i:i + 1]), expected[i:i + 1])
+    kernels = native.kernels()
+    if kernels is not None:
+        assert torch.equal(kernels.group_matmul(x, *module.matrix(), 6), expected)
 
 
 def _scales(kind: str, n: int, groups: int, g: torch.Generator):
@@ -140,6 +186,12 @@ def test_kernel_refuses_mismatched_shapes():
     scale = per_block(torch.ones(16, 2))
     with pytest.raises(RuntimeError, match="codes do not match"):
         kernels.group_matmul(torch.zeros(2, 96), codes, scale, scale, NO_UNIT, NO_UNIT, 4)
+    six = Int6Linear(*_six_bit(16, 256, torch.Generator().manual_seed(9)))
+    codes6, unit, sub = six.matrix()[:3]
+    with pytest.raises(RuntimeError, match="sub-scales"):
+        kernels.group_matmul(torch.zeros(2, 256), codes6, unit, sub[:, :4].contiguous(), NO_UNIT, NO_UNIT, 6)
+    with pytest.raises(RuntimeError, match="bits: 4, 6 or 8"):
+        kernels.group_matmul(torch.zeros(2, 96), codes, scale, scale, NO_UNIT, NO_UNIT, 5)
 
 
 def test_embedding_blocks():

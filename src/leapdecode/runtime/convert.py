@@ -8,7 +8,7 @@ are transformers' own.
 
 | `weights` | linear layers | embedding | attention | exact (row-invariant) |
 | --- | --- | --- | --- | --- |
-| `int4` (CPU default) | a GGUF's 4-bit blocks as they are (Q4_0/Q4_1/Q4_K), its higher-precision tensors as 8-bit groups (Q8_0 exactly); other checkpoints quantized to int4 groups of 32 | int8 per 32 values (Q8_0 exactly) | exact | yes |
+| `int4` (CPU default) | a GGUF's 4-bit blocks as they are (Q4_0/Q4_1/Q4_K), and its Q6_K blocks as they are (6-bit); its other higher-precision tensors as 8-bit groups (Q8_0 exactly); other checkpoints quantized to int4 groups of 32 | int8 per 32 values (Q8_0 exactly) | exact | yes |
 | `int4-all` (the default for draft models) | as `int4`, but a GGUF's higher-precision tensors (Q5_x, Q6_K, Q8_0, the output layer) re-quantized to int4 groups too: fewer bytes a pass, a measured loss against the file | as `int4` | exact | yes |
 | `int8` | 8-bit codes per group of 32 (symmetric) | int8 per 32 values | exact | yes |
 | `bf16` | dense bf16 (oneDNN/MKL) | unchanged | SDPA | no: bf16 matmuls are not row-invariant |
@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from . import attention, fused
-from .gguf_blocks import FOUR_BIT, grouped_codes, permute_rows, q8_0_codes
-from .quantized import SOURCE_ROWS, BF16Linear, Int4Linear, Int8GroupLinear, Int8Linear, QuantEmbedding
+from .gguf_blocks import FOUR_BIT, grouped_codes, permute_rows, q6_k_codes, q8_0_codes
+from .quantized import SOURCE_ROWS, BF16Linear, Int4Linear, Int6Linear, Int8GroupLinear, Int8Linear, QuantEmbedding
 
 
 class Weights(str, Enum):
@@ -49,8 +49,8 @@ class Weights(str, Enum):
 
 
 WEIGHT_CHOICES = tuple(w.value for w in Weights)
-WEIGHTS_HELP = ("runtime: int4 (the CPU default: a GGUF's 4-bit blocks as they are, its higher-precision tensors "
-                "as 8-bit groups; exact passes), int4-all (every layer in 4-bit groups: faster, a small measured "
+WEIGHTS_HELP = ("runtime: int4 (the CPU default: a GGUF's 4-bit and Q6_K blocks as they are, its other "
+                "higher-precision tensors as 8-bit groups; exact passes), int4-all (every layer in 4-bit groups: faster, a small measured "
                 "loss against the file; exact passes), int8, bf16, or fp32 (the float32 reference, identical only "
                 "up to floating-point noise)")
 
@@ -126,15 +126,31 @@ def _dense(tensor) -> np.ndarray:
     return dequantize(tensor.data, tensor.tensor_type).reshape(tensor.data.shape[0], -1)
 
 
-def _int4_from_gguf(tensor, hf_weight: torch.Tensor, order: np.ndarray | None) -> Int4Linear | None:
-    kind = tensor.tensor_type.name
+def _blocks_of(tensor, hf_weight: torch.Tensor, order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """A GGUF tensor's raw blocks and dequantized values in the model's row order, or None when they are not the
+    weight the model holds."""
     raw, dense = tensor.data, _dense(tensor)
     if order is not None:
         raw, dense = permute_rows(raw, order), permute_rows(dense, order)
     if dense.shape != tuple(hf_weight.shape) or not np.array_equal(dense, hf_weight.float().numpy()):
         return None  # not the tensor the model holds: quantize from the model's weight instead
-    codes = grouped_codes(kind, np.ascontiguousarray(raw), dense)
+    return np.ascontiguousarray(raw), dense
+
+
+def _int4_from_gguf(tensor, hf_weight: torch.Tensor, order: np.ndarray | None) -> Int4Linear | None:
+    blocks = _blocks_of(tensor, hf_weight, order)
+    if blocks is None:
+        return None
+    codes = grouped_codes(tensor.tensor_type.name, *blocks)
     return Int4Linear(codes.codes, codes.scales, codes.minimums, factors=codes.factors)
+
+
+def _int6_from_gguf(tensor, hf_weight: torch.Tensor, order: np.ndarray | None) -> Int6Linear | None:
+    blocks = _blocks_of(tensor, hf_weight, order)
+    if blocks is None or not Int6Linear.supports(*hf_weight.shape):
+        return None
+    codes = q6_k_codes(*blocks)
+    return Int6Linear(codes.codes, codes.sub_scales, codes.units)
 
 
 # ----- the swap ---------------------------------------------------------------------------------------------
@@ -153,13 +169,15 @@ def _linear_for(name: str, linear: nn.Linear, weights: Weights, gguf: GGUFTensor
     kind = tensor.tensor_type.name
     if weights is Weights.INT4_ALL and kind not in FOUR_BIT:
         return Int4Linear.from_float(w, b), f"int4 re-quantized from GGUF {kind}"
-    if kind in FOUR_BIT:
-        module = _int4_from_gguf(tensor, w, gguf.row_order(name, w.shape[0]))
+    if kind in FOUR_BIT or kind == "Q6_K":
+        made = _int4_from_gguf if kind in FOUR_BIT else _int6_from_gguf
+        module = made(tensor, w, gguf.row_order(name, w.shape[0]))
         if module is not None:
             if b is not None:
                 module.bias = nn.Parameter(b.detach().float(), requires_grad=False)
-            return module, f"int4 from GGUF {kind}"
-        return Int4Linear.from_float(w, b), "int4 quantized on load"
+            return module, f"{'int4' if kind in FOUR_BIT else '6-bit'} from GGUF {kind}"
+        if kind in FOUR_BIT:
+            return Int4Linear.from_float(w, b), "int4 quantized on load"
     if kind == "Q8_0" and tuple(tensor.data.shape)[0] == w.shape[0] and gguf.row_order(name, w.shape[0]) is None:
         blocks = q8_0_codes(np.ascontiguousarray(tensor.data), w.shape[0])
         module = Int8GroupLinear.from_q8_0(blocks.codes, blocks.scales, b)

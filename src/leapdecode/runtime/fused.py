@@ -103,10 +103,6 @@ class FusedRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset}"
 
 
-def _matrix(linear: GroupLinear) -> list[torch.Tensor]:
-    return [linear.codes, linear.scale, linear.minimum, linear.scale_unit, linear.minimum_unit]
-
-
 class FusedMLP(nn.Module):
     """down_proj(act(gate_proj(x)) * up_proj(x)) over three `GroupLinear`s in one C++ call."""
 
@@ -124,7 +120,7 @@ class FusedMLP(nn.Module):
             return self.down_proj(act * self.up_proj(x))
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).float().contiguous()
-        args = (rows, _matrix(self.gate_proj), _matrix(self.up_proj), _matrix(self.down_proj),
+        args = (rows, self.gate_proj.matrix(), self.up_proj.matrix(), self.down_proj.matrix(),
                 [self.gate_proj.BITS, self.up_proj.BITS, self.down_proj.BITS], int(self.activation))
         y = torch.ops.leapdecode.group_mlp(*args) if compiling else kernels.group_mlp(*args)
         return y.to(x.dtype).reshape(*shape[:-1], self.down_proj.out_features)

@@ -13,7 +13,9 @@ The runtime's group modules hold exactly this form (code, scale, minimum), so no
 are kept as their two GGUF factors (`ScaleFactors`: the 6-bit sc and m per group, d and -dmin per super-block).
 The codes are recovered from gguf's own dequantized values (q = round((w - minimum) / scale)), which keeps this
 module independent of each type's nibble order, and checked against them. Q8_0 blocks (fp16 d, 32 int8 codes)
-map exactly onto `QuantEmbedding`. Other types (Q5_x, Q6_K, ...) are returned dequantized.
+map exactly onto `QuantEmbedding` and the 8-bit groups; Q6_K blocks (256 values: 128 bytes of low nibbles, 64 of
+top bits, 16 int8 sub-scales, fp16 d; w = d * sc * (q - 32), q in [0, 63], one sc per 16 values) onto
+`Int6Linear`. Other types (Q5_x, ...) are returned dequantized.
 """
 from __future__ import annotations
 
@@ -43,6 +45,15 @@ class BlockCodes8:
 
     codes: torch.Tensor  # (rows, cols) int8
     scales: torch.Tensor  # (rows, cols / 32) float32
+
+
+@dataclass(frozen=True)
+class SixBitCodes:
+    """A (out, in) matrix as GGUF Q6_K holds it: W = unit * sub_scale * (code - 32)."""
+
+    codes: torch.Tensor  # (out, in) uint8 in [0, 63]
+    sub_scales: torch.Tensor  # (out, in / 16) int8
+    units: torch.Tensor  # (out, in / 256) float16
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -100,6 +111,25 @@ def grouped_codes(kind: str, raw: np.ndarray, dense: np.ndarray) -> GroupedCodes
         minimums=torch.from_numpy(minimum.astype(np.float32)),
         factors=factors,
     )
+
+
+def q6_k_codes(raw: np.ndarray, dense: np.ndarray) -> SixBitCodes:
+    """The codes of a Q6_K tensor, given its raw blocks (rows, bytes) and gguf's dequantized values (rows, cols)."""
+    rows, cols = dense.shape
+    blocks = raw.reshape(rows, -1, 210)
+    units = _f16(blocks[..., 208:210])  # (rows, cols / 256)
+    sub = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).reshape(rows, -1)  # (rows, cols / 16)
+    step = (np.repeat(units, 16, axis=1) * sub.astype(np.float32))[..., None]  # exact: float16 * int8
+    w = dense.reshape(rows, -1, 16)
+    safe = np.where(step != 0, step, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(w / safe) + 32, 0, 63)
+    rebuilt = step * (codes - 32)
+    err = np.abs(rebuilt - w).max() if w.size else 0.0
+    if not err <= 1e-5 * max(float(np.abs(w).max()), 1e-6):
+        raise ValueError(f"Q6_K codes do not rebuild the tensor (max error {err:g})")
+    return SixBitCodes(codes=torch.from_numpy(codes.reshape(rows, cols).astype(np.uint8)),
+                       sub_scales=torch.from_numpy(sub.copy()),
+                       units=torch.from_numpy(units.astype(np.float16)))
 
 
 def q8_0_codes(raw: np.ndarray, rows: int) -> BlockCodes8:

@@ -4,6 +4,7 @@
 | --- | --- | --- | --- |
 | `Int4Linear` | 4-bit codes in groups of 32 along the input, W = code * scale + minimum (GGUF Q4_0/Q4_1/Q4_K) | kernels/group_matmul.cpp | int8 per group of 32 |
 | `Int8GroupLinear` | 8-bit codes in groups of 32, W = code * scale + minimum (GGUF Q8_0) | kernels/group_matmul.cpp | int8 per group of 32 |
+| `Int6Linear` | GGUF Q6_K as it is: 6-bit codes, an int8 scale per 16 inputs, a float16 unit per 256, W = unit * sc * (code - 32) | kernels/group_matmul.cpp | int8 per group of 32 |
 | `Int8Linear` | int8 codes, one scale per output row, W = q * scale (shapes the group layout cannot take) | `_weight_int8pack_mm` | bf16 |
 | `BF16Linear` | the dense weight in bf16 | `torch.matmul` | bf16 |
 | `QuantEmbedding` | int8 codes, one scale per 32 values of a row (exactly GGUF's Q8_0) | gather + multiply | float32 |
@@ -170,6 +171,35 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return c.permute(0, 3, 1, 2, 4).reshape(blocks * 16, groups * GROUP)
 
 
+SIX_BIT_BYTES = 384  # per block of 16 columns and group of 32 inputs: the low nibbles, then the top bits
+
+
+def pack6(codes: torch.Tensor, sub_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) codes in [0, 64) and (out, in / 16) int8 sub-scales -> the kernel's 6-bit layout: codes
+    (out / 16, in / 32, 384) uint8, the low 4 bits as `pack` lays out 4-bit codes (256 bytes) then the top 2 bits
+    (128 bytes: byte 4 * column + i of half h holds quads 4h..4h+3 at bits 0-1, 2-3, 4-5, 6-7); sub-scales
+    (out / 16, in / 32, 32) int8, per group half 0's 16 columns then half 1's."""
+    n, k = codes.shape
+    codes = codes.to(torch.uint8)
+    low = pack(codes & 15, 4)
+    top = (codes >> 4).reshape(n // 16, 16, k // GROUP, 2, 4, 4).permute(0, 2, 3, 1, 5, 4)  # blk, grp, half, col, i, q
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+    top = (top << shifts).sum(-1, dtype=torch.uint8).reshape(n // 16, k // GROUP, 128)
+    sub = sub_scales.to(torch.int8).reshape(n // 16, 16, k // GROUP, 2).permute(0, 2, 3, 1)
+    return torch.cat([low, top], dim=-1).contiguous(), sub.reshape(n // 16, k // GROUP, 32).contiguous()
+
+
+def unpack6(packed: torch.Tensor, sub_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack6`'s inverse: (out, in) uint8 codes and (out, in / 16) int8 sub-scales."""
+    blocks, groups, _ = packed.shape
+    low = unpack(packed[..., :256].contiguous(), 4)
+    top = packed[..., 256:].reshape(blocks, groups, 2, 16, 4, 1)
+    top = (top >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3  # blk, grp, half, col, i, quad
+    top = top.permute(0, 3, 1, 2, 5, 4).reshape(blocks * 16, groups * GROUP)
+    sub = sub_scales.reshape(blocks, groups, 2, 16).permute(0, 3, 1, 2)
+    return low | (top << 4), sub.reshape(blocks * 16, groups * 2)
+
+
 def per_block(values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(out, in / 32) per-group values -> (out / 16, in / 32, 16), the kernel's order."""
     n, g = values.shape
@@ -234,6 +264,8 @@ def reference_group_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Te
     d = xg.abs().amax(-1) / 127
     safe = torch.where(d == 0, torch.ones_like(d), d)
     q = torch.where(d.unsqueeze(-1) == 0, 0.0, torch.round(xg / safe.unsqueeze(-1))).clamp(-127, 127)
+    if bits == 6:
+        return _reference_six_bit(q, d, codes, minimum, scale)
     qsum = q.sum(-1)  # small integers: exact in any order
     w = unpack(codes, bits).float().reshape(-1, groups, GROUP)  # (n, groups, 32)
     dot = torch.bmm(q.transpose(0, 1), w.permute(1, 2, 0))  # (groups, rows, n); integers below 2^24: exact
@@ -243,6 +275,25 @@ def reference_group_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Te
         t = dot[g] * scale[:, g]
         t = t + minimum[:, g] * qsum[:, g:g + 1]
         out = out + t * d[:, g:g + 1]
+    return out
+
+
+def _reference_six_bit(q: torch.Tensor, d: torch.Tensor, codes: torch.Tensor, sub_scales: torch.Tensor,
+                       units: torch.Tensor) -> torch.Tensor:
+    """`reference_group_matmul` for 6-bit weights (sub-scales in the minimum's place, units in the scale's), from
+    the quantized activations q (rows, groups, 32) and their scales d (rows, groups): per group the integer dot
+    with both halves' sub-scales, then two float32 operations."""
+    rows, groups, _ = q.shape
+    code, sub = unpack6(codes, sub_scales)
+    n = code.shape[0]
+    signed = (code.long() - 32).reshape(n, groups * 2, 16)
+    halves = torch.einsum("rhi,nhi->hrn", q.long().reshape(rows, groups * 2, 16), signed)  # exact integers
+    dot = halves * sub.long().t().unsqueeze(1)  # (groups * 2, rows, n)
+    dot = (dot[0::2] + dot[1::2]).float()  # below 2^24: exact
+    unit = per_row(units.float()).repeat_interleave(SPAN, dim=1)  # (n, groups)
+    out = torch.zeros(rows, n)
+    for g in range(groups):
+        out = out + (dot[g] * unit[:, g]) * d[:, g:g + 1]
     return out
 
 
@@ -305,8 +356,12 @@ class GroupLinear(_QuantLinear):
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, self.in_features).float().contiguous()
 
+    def matrix(self) -> list[torch.Tensor]:
+        """The tensors the kernel takes for this matrix: codes, scale, minimum, scale_unit, minimum_unit."""
+        return [self.codes, self.scale, self.minimum, self.scale_unit, self.minimum_unit]
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        args = (x, self.codes, self.scale, self.minimum, self.scale_unit, self.minimum_unit, self.BITS)
+        args = (x, *self.matrix(), self.BITS)
         if torch.compiler.is_compiling():
             return torch.ops.leapdecode.group_matmul(*args)
         return _group_matmul(*args)
@@ -400,6 +455,50 @@ class Int8GroupLinear(GroupLinear):
     def from_q8_0(cls, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
         """GGUF Q8_0: int8 codes (out, in) and their scale per 32 (out, in / 32)."""
         return cls(codes.to(torch.int32) + 128, scales, -128 * scales, bias)
+
+
+class Int6Linear(GroupLinear):
+    """GGUF's Q6_K blocks as they are: 6-bit codes, an int8 sub-scale per 16 inputs and a float16 unit per 256,
+    W = unit * sub_scale * (code - 32); 0.82 bytes a weight read per pass (8-bit groups take 1.125). The kernel
+    takes the sub-scales in the minimum's place and the units in the scale's (kernels/group_matmul.cpp)."""
+
+    BITS = 6
+
+    def __init__(self, codes: torch.Tensor, sub_scales: torch.Tensor, units: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        """codes (out, in) integers in [0, 64); sub_scales (out, in / 16) int8; units (out, in / 256) float16."""
+        out_features, in_features = codes.shape
+        _QuantLinear.__init__(self, in_features, out_features, bias)
+        packed, sub = pack6(codes, sub_scales)
+        self.register_buffer("codes", packed)
+        self.register_buffer("sub_scale", sub)
+        self.register_buffer("unit", per_block(units, torch.float16))
+
+    def matrix(self) -> list[torch.Tensor]:
+        return [self.codes, self.unit, self.sub_scale, NO_UNIT, NO_UNIT]
+
+    @classmethod
+    def supports(cls, out_features: int, in_features: int) -> bool:
+        return out_features % 16 == 0 and in_features % (GROUP * SPAN) == 0
+
+    def dense_weight(self) -> torch.Tensor:
+        codes, sub = unpack6(self.codes, self.sub_scale)
+        step = per_row(self.unit.float()).repeat_interleave(SPAN * 2, dim=1) * sub.float()  # exact: float16 * int8
+        w = step.unsqueeze(-1) * (codes.float() - 32).reshape(self.out_features, -1, 16)
+        return w.reshape(self.out_features, self.in_features)
+
+    def shape_record(self) -> dict:
+        return _QuantLinear.shape_record(self)
+
+    @classmethod
+    def placeholder(cls, record: dict) -> "Int6Linear":
+        return super(GroupLinear, cls).placeholder(record)  # its buffers' dtypes are fixed
+
+    def _empty_buffers(self) -> None:
+        blocks, groups = self.out_features // 16, self.in_features // GROUP
+        self.register_buffer("codes", torch.empty(blocks, groups, SIX_BIT_BYTES, dtype=torch.uint8))
+        self.register_buffer("sub_scale", torch.empty(blocks, groups, 32, dtype=torch.int8))
+        self.register_buffer("unit", torch.empty(blocks, groups // SPAN, 16, dtype=torch.float16))
 
 
 class Int8Linear(_QuantLinear):

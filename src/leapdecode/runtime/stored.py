@@ -27,12 +27,14 @@ from torch import nn
 
 from . import fused
 from .convert import RuntimeInfo, Weights, _own_storage, _replace, use_exact_passes
-from .quantized import BF16Linear, Int4Linear, Int8GroupLinear, Int8Linear, QuantEmbedding, _QuantLinear
+from .quantized import BF16Linear, Int4Linear, Int6Linear, Int8GroupLinear, Int8Linear, QuantEmbedding, _QuantLinear
 
 MARKER = "runtime.json"
 TENSORS = "runtime.safetensors"
-FORMAT = 4  # 3: the group kernel's own layout (code, scale, minimum; float16 scales where exact); 4: Q4_K factored
-_LINEARS = {cls.__name__: cls for cls in (Int4Linear, Int8GroupLinear, Int8Linear, BF16Linear)}
+# 3: the group kernel's own layout (code, scale, minimum; float16 scales where exact); 4: Q4_K factored;
+# 5: Q6_K as 6-bit codes (Int6Linear) instead of 8-bit groups
+FORMAT = 5
+_LINEARS = {cls.__name__: cls for cls in (Int4Linear, Int6Linear, Int8GroupLinear, Int8Linear, BF16Linear)}
 
 
 def _kernel_tag() -> dict:

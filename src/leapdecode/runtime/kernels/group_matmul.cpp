@@ -1,5 +1,6 @@
 // Row-invariant weight-only matmul on the CPU: y = x W^T with W held as 4-bit or 8-bit codes per group of 32
-// inputs (W = code * scale + minimum, GGUF's Q4_0/Q4_1/Q4_K/Q8_0 form) and x quantized per group of 32 to int8.
+// inputs (W = code * scale + minimum, GGUF's Q4_0/Q4_1/Q4_K/Q8_0 form) or as GGUF's Q6_K (6-bit, below), and x
+// quantized per group of 32 to int8.
 //
 // For every row m, output column n and group g:
 //   d[m,g] = max |x[m, g]| / 127        q[m,k] = nearbyint(x[m,k] / d[m,g]) (0 where d is 0)
@@ -17,6 +18,15 @@
 // 2p + 1 in its high nibble. Scales and minimums are (blocks, groups, 16): float32, float16, or factored as an 8-bit
 // step per group times a float16 unit per 8 groups (GGUF Q4_K's d * sc and -dmin * m; the product of a float16
 // number and an integer below 256 is exact in float32, so the factored form gives the bits of the float32 one).
+//
+// 6-bit weights (GGUF Q6_K: W = d * sc * (code - 32), code in [0, 63], an int8 sc per 16 inputs, a float16 d per
+// 256): per group the integer part takes both halves' sub-scales,
+//   dot = sc[n, 2g] * sum_{k in half 0} (code - 32) q  +  sc[n, 2g + 1] * sum_{k in half 1} (code - 32) q
+// (below 2^24 in magnitude: exact as a float32), and y[m,n] = y[m,n] + ((float(dot) * d[n, g / 8]) * d[m,g]).
+// Layout: 384 bytes per block and group: the low 4 bits of the codes as 4-bit codes are laid out (256 bytes), then
+// their top 2 bits (128 bytes: byte 4 * column + i of half h holds quads 4h..4h+3 at bits 0-1, 2-3, 4-5, 6-7).
+// `scale` holds d as (n/16, k/256, 16) float16, and the minimum's place the int8 sub-scales as (n/16, k/32, 32)
+// (per group half 0's 16 columns, then half 1's).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -40,6 +50,7 @@ namespace {
 constexpr int64_t kGroup = 32;
 constexpr int64_t kCols = 16;
 constexpr int kTile = 8;  // rows computed together (one pass over a block's codes)
+constexpr int kTile6 = 4;  // the same for 6-bit weights
 constexpr int64_t kAhead = 2048;  // bytes of codes prefetched ahead of the group being computed
 
 using leapdecode::i16;
@@ -94,11 +105,13 @@ struct Rows {
   std::vector<int8_t> q;
   std::vector<float> d;
   std::vector<float> qsum;
+  std::vector<int32_t> half_sum;  // per row, group and half of 16: the sum of the codes (6-bit weights)
 };
 
 Rows quantize(const float* x, int64_t rows, int64_t k) {
   const int64_t groups = k / kGroup;
-  Rows out{std::vector<int8_t>(rows * k), std::vector<float>(rows * groups), std::vector<float>(rows * groups)};
+  Rows out{std::vector<int8_t>(rows * k), std::vector<float>(rows * groups), std::vector<float>(rows * groups),
+           std::vector<int32_t>(rows * groups * 2)};
   for (int64_t m = 0; m < rows; ++m) {
     for (int64_t g = 0; g < groups; ++g) {
       const float* xg = x + m * k + g * kGroup;
@@ -106,15 +119,17 @@ Rows quantize(const float* x, int64_t rows, int64_t k) {
       for (int i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(xg[i]));
       const float d = amax / 127.0f;
       int8_t* qg = out.q.data() + m * k + g * kGroup;
-      int32_t sum = 0;
+      int32_t half[2] = {0, 0};
       for (int i = 0; i < kGroup; ++i) {
         float v = d == 0.0f ? 0.0f : std::nearbyint(xg[i] / d);
         v = std::min(127.0f, std::max(-127.0f, v));
         qg[i] = static_cast<int8_t>(v);
-        sum += qg[i];
+        half[i / 16] += qg[i];
       }
       out.d[m * groups + g] = d;
-      out.qsum[m * groups + g] = static_cast<float>(sum);
+      out.qsum[m * groups + g] = static_cast<float>(half[0] + half[1]);
+      out.half_sum[(m * groups + g) * 2] = half[0];
+      out.half_sum[(m * groups + g) * 2 + 1] = half[1];
     }
   }
   return out;
@@ -175,58 +190,155 @@ inline void group_dots(const uint8_t* w, const int8_t* const* xq, i16* dot) {
 #endif
 }
 
-template <int BITS, typename S, int NR>
-void tile(const uint8_t* w, const S& scale, const S& minimum, const Rows& x, int64_t m0, int64_t groups, int64_t k,
+// 6-bit weights, quads 2P and 2P + 1 of a group (P = 0, 1: half 0; 2, 3: half 1) into acc[r]: the low nibbles
+// as 4-bit codes have them, the top bits moved to bits 4-5 of each byte (quad q's sit at bits 2 (q % 4) + {0, 1}
+// of the top-bit bytes of its half)
+#if defined(LEAPDECODE_VNNI)
+template <int NR, int P>
+__attribute__((always_inline)) inline void six_bit_quads(const uint8_t* w, const int8_t* const* xq, __m512i* acc) {
+  const __m512i low = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
+  const __m512i packed = _mm512_loadu_si512(w + 64 * P);
+  const __m512i high = _mm512_loadu_si512(w + 256 + 64 * (P / 2));
+  const __m512i ha = (P % 2 == 0) ? _mm512_slli_epi16(high, 4) : high;
+  const __m512i hb = (P % 2 == 0) ? _mm512_slli_epi16(high, 2) : _mm512_srli_epi16(high, 2);
+  const __m512i a = _mm512_ternarylogic_epi32(packed, low, _mm512_and_si512(ha, top), 0xEA);  // (packed & low) | h
+  const __m512i b = _mm512_ternarylogic_epi32(_mm512_srli_epi16(packed, 4), low, _mm512_and_si512(hb, top), 0xEA);
+  for (int r = 0; r < NR; ++r) {
+    int32_t xa, xb;
+    std::memcpy(&xa, xq[r] + 8 * P, 4);
+    std::memcpy(&xb, xq[r] + 8 * P + 4, 4);
+    acc[r] = _mm512_dpbusd_epi32(acc[r], a, _mm512_set1_epi32(xa));
+    acc[r] = _mm512_dpbusd_epi32(acc[r], b, _mm512_set1_epi32(xb));
+  }
+}
+#endif
+
+// 6-bit weights: dot[r] (16 columns) for NR rows over one group as float32 (exact integers), the sub-scales `sub`
+// (half 0's 16 columns, then half 1's) applied (see the top); hs[r] is row r's two half sums of this group
+template <int NR>
+__attribute__((always_inline)) inline void group_dots6(const uint8_t* w, const int8_t* sub, const int8_t* const* xq, const int32_t* const* hs,
+                        v16* dot) {
+#if defined(LEAPDECODE_VNNI)
+  __m512i acc0[NR], acc1[NR];
+  for (int r = 0; r < NR; ++r) acc0[r] = acc1[r] = _mm512_setzero_si512();
+  six_bit_quads<NR, 0>(w, xq, acc0);
+  six_bit_quads<NR, 1>(w, xq, acc0);
+  six_bit_quads<NR, 2>(w, xq, acc1);
+  six_bit_quads<NR, 3>(w, xq, acc1);
+  // each half's integer times its sub-scale is below 2^24 in magnitude, and so is their sum: the float32
+  // products and sum are exact, the bits of the integer formula with cheaper operations than integer multiplies
+  const __m512 sc0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sub))));
+  const __m512 sc1 =
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sub + 16))));
+  for (int r = 0; r < NR; ++r) {
+    const __m512 h0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc0[r], _mm512_set1_epi32(32 * hs[r][0])));
+    const __m512 h1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc1[r], _mm512_set1_epi32(32 * hs[r][1])));
+    const __m512 t = _mm512_add_ps(_mm512_mul_ps(h0, sc0), _mm512_mul_ps(h1, sc1));
+    std::memcpy(&dot[r], &t, 64);
+  }
+#else
+  for (int r = 0; r < NR; ++r) {
+    v16 acc = splat(0.0f);
+    for (int c = 0; c < kCols; ++c) {
+      int32_t half[2] = {0, 0};
+      for (int quad = 0; quad < 8; ++quad) {
+        for (int i = 0; i < 4; ++i) {
+          const uint8_t byte = w[64 * (quad / 2) + 4 * c + i];
+          const int32_t lo = (quad % 2 == 0) ? (byte & 0x0F) : (byte >> 4);
+          const int32_t hi = (w[256 + 64 * (quad / 4) + 4 * c + i] >> (2 * (quad % 4))) & 3;
+          half[quad / 4] += (lo + 16 * hi - 32) * static_cast<int32_t>(xq[r][4 * quad + i]);
+        }
+      }
+      acc[c] = static_cast<float>(half[0] * sub[c] + half[1] * sub[16 + c]);
+    }
+    dot[r] = acc;
+  }
+#endif
+}
+
+// the float16 d of 6-bit weights: one per 8 groups (a Q6_K super-block) and column
+struct PerSpan {
+  static constexpr int64_t kSpan = 8;
+  const at::Half* p;
+  v16 at(int64_t g) const { return lanes_of(p + (g / kSpan) * kCols); }
+  PerSpan block(int64_t b, int64_t groups) const { return {p + b * (groups / kSpan) * kCols}; }
+};
+
+// the int8 sub-scales of 6-bit weights: 32 per group (two halves of 16 columns)
+struct SubScales {
+  const int8_t* p;
+  const int8_t* at(int64_t g) const { return p + g * 2 * kCols; }
+  SubScales block(int64_t b, int64_t groups) const { return {p + b * groups * 2 * kCols}; }
+};
+
+constexpr int64_t group_bytes(int bits) { return bits == 4 ? 256 : bits == 6 ? 384 : 512; }
+
+template <int BITS, typename S, typename M, int NR>
+void tile(const uint8_t* w, const S& scale, const M& minimum, const Rows& x, int64_t m0, int64_t groups, int64_t k,
           float* out, int64_t ldo) {
-  constexpr int64_t kBytes = BITS == 4 ? 256 : 512;
+  constexpr int64_t kBytes = group_bytes(BITS);
   v16 acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = splat(0.0f);
   for (int64_t g = 0; g < groups; ++g) {
     const int8_t* xq[NR];
     for (int r = 0; r < NR; ++r) xq[r] = x.q.data() + (m0 + r) * k + g * kGroup;
-    i16 dot[NR];
     // the codes a few groups ahead (the hardware prefetcher alone left a one-row pass at about 2/3 of the
     // machine's read bandwidth)
     for (int64_t line = 0; line < kBytes; line += 64) __builtin_prefetch(w + g * kBytes + kAhead + line);
-    group_dots<BITS, NR>(w + g * kBytes, xq, dot);
     const v16 s = scale.at(g);
-    const v16 mn = minimum.at(g);
-    for (int r = 0; r < NR; ++r) {
-      const int64_t at = (m0 + r) * groups + g;
-      v16 t = __builtin_convertvector(dot[r], v16) * s;
-      t = t + mn * splat(x.qsum[at]);
-      acc[r] = acc[r] + t * splat(x.d[at]);
+    if constexpr (BITS == 6) {
+      const int32_t* hs[NR];
+      for (int r = 0; r < NR; ++r) hs[r] = x.half_sum.data() + ((m0 + r) * groups + g) * 2;
+      v16 dot[NR];
+      group_dots6<NR>(w + g * kBytes, minimum.at(g), xq, hs, dot);
+      for (int r = 0; r < NR; ++r) {
+        const v16 t = dot[r] * s;
+        acc[r] = acc[r] + t * splat(x.d[(m0 + r) * groups + g]);
+      }
+    } else {
+      i16 dot[NR];
+      group_dots<BITS, NR>(w + g * kBytes, xq, dot);
+      const v16 mn = minimum.at(g);
+      for (int r = 0; r < NR; ++r) {
+        const int64_t at = (m0 + r) * groups + g;
+        v16 t = __builtin_convertvector(dot[r], v16) * s;
+        t = t + mn * splat(x.qsum[at]);
+        acc[r] = acc[r] + t * splat(x.d[at]);
+      }
     }
   }
   for (int r = 0; r < NR; ++r) store(out + (m0 + r) * ldo, acc[r]);
 }
 
-template <int BITS, typename S>
-void block(const uint8_t* w, const S& scale, const S& minimum, const Rows& x, int64_t rows, int64_t groups, int64_t k,
+template <int BITS, typename S, typename M>
+void block(const uint8_t* w, const S& scale, const M& minimum, const Rows& x, int64_t rows, int64_t groups, int64_t k,
            float* out, int64_t ldo) {
   int64_t m = 0;
-  for (; m + kTile <= rows; m += kTile) tile<BITS, S, kTile>(w, scale, minimum, x, m, groups, k, out, ldo);
+  if constexpr (BITS == 6) {  // two accumulators a row: 8 rows at once spill registers
+    for (; m + kTile6 <= rows; m += kTile6) tile<BITS, S, M, kTile6>(w, scale, minimum, x, m, groups, k, out, ldo);
+  }
+  for (; m + kTile <= rows; m += kTile) tile<BITS, S, M, kTile>(w, scale, minimum, x, m, groups, k, out, ldo);
   switch (rows - m) {
-    case 7: tile<BITS, S, 7>(w, scale, minimum, x, m, groups, k, out, ldo); break;
-    case 6: tile<BITS, S, 6>(w, scale, minimum, x, m, groups, k, out, ldo); break;
-    case 5: tile<BITS, S, 5>(w, scale, minimum, x, m, groups, k, out, ldo); break;
-    case 4: tile<BITS, S, 4>(w, scale, minimum, x, m, groups, k, out, ldo); break;
-    case 3: tile<BITS, S, 3>(w, scale, minimum, x, m, groups, k, out, ldo); break;
-    case 2: tile<BITS, S, 2>(w, scale, minimum, x, m, groups, k, out, ldo); break;
-    case 1: tile<BITS, S, 1>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 7: tile<BITS, S, M, 7>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 6: tile<BITS, S, M, 6>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 5: tile<BITS, S, M, 5>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 4: tile<BITS, S, M, 4>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 3: tile<BITS, S, M, 3>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 2: tile<BITS, S, M, 2>(w, scale, minimum, x, m, groups, k, out, ldo); break;
+    case 1: tile<BITS, S, M, 1>(w, scale, minimum, x, m, groups, k, out, ldo); break;
     default: break;
   }
 }
 
-template <int BITS, typename S>
-void run(const uint8_t* codes, const S& scale, const S& minimum, const Rows& x, int64_t rows, int64_t n, int64_t k,
+template <int BITS, typename S, typename M>
+void run(const uint8_t* codes, const S& scale, const M& minimum, const Rows& x, int64_t rows, int64_t n, int64_t k,
          float* out) {
   const int64_t groups = k / kGroup;
   const int64_t blocks = n / kCols;
-  const int64_t bytes = (BITS == 4 ? 256 : 512) * groups;
+  const int64_t bytes = group_bytes(BITS) * groups;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      block<BITS, S>(codes + b * bytes, scale.block(b, groups), minimum.block(b, groups), x, rows, groups, k,
+      block<BITS, S, M>(codes + b * bytes, scale.block(b, groups), minimum.block(b, groups), x, rows, groups, k,
                      out + b * kCols, n);
   });
 }
@@ -234,7 +346,8 @@ void run(const uint8_t* codes, const S& scale, const S& minimum, const Rows& x, 
 template <typename S>
 void dispatch(int64_t bits, const uint8_t* codes, const S& scale, const S& minimum, const Rows& x, int64_t rows,
               int64_t n, int64_t k, float* out) {
-  bits == 4 ? run<4, S>(codes, scale, minimum, x, rows, n, k, out) : run<8, S>(codes, scale, minimum, x, rows, n, k, out);
+  bits == 4 ? run<4, S, S>(codes, scale, minimum, x, rows, n, k, out)
+            : run<8, S, S>(codes, scale, minimum, x, rows, n, k, out);
 }
 
 // One weight matrix as Python hands it over (GroupLinear's buffers): codes, scale, minimum, scale_unit,
@@ -246,10 +359,19 @@ struct Matrix {
   // the output width n, after checking the tensors against an input width k
   int64_t check(int64_t k) const {
     TORCH_CHECK(codes.dtype() == at::kByte && codes.dim() == 3 && codes.is_contiguous(), "codes: (n/16, k/32, bytes)");
-    TORCH_CHECK(bits == 4 || bits == 8, "bits: 4 or 8");
+    TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "bits: 4, 6 or 8");
     const int64_t n = codes.size(0) * kCols;
-    TORCH_CHECK(codes.size(1) * kGroup == k && codes.size(2) == (bits == 4 ? 256 : 512), "codes do not match x");
+    TORCH_CHECK(codes.size(1) * kGroup == k && codes.size(2) == group_bytes(bits), "codes do not match x");
     const auto dtype = scale.scalar_type();
+    if (bits == 6) {
+      TORCH_CHECK((k / kGroup) % PerSpan::kSpan == 0 && dtype == at::kHalf && scale.is_contiguous() &&
+                      scale.numel() == n / kCols * (k / kGroup / PerSpan::kSpan) * kCols,
+                  "6-bit weights: scale (n/16, k/256, 16) float16");
+      TORCH_CHECK(minimum.scalar_type() == at::kChar && minimum.is_contiguous() &&
+                      minimum.numel() == n / kCols * (k / kGroup) * 2 * kCols,
+                  "6-bit weights: sub-scales (n/16, k/32, 32) int8 in the minimum's place");
+      return n;
+    }
     TORCH_CHECK(scale.sizes() == minimum.sizes() && dtype == minimum.scalar_type() &&
                     (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kByte) && scale.is_contiguous() &&
                     minimum.is_contiguous() && scale.numel() == n / kCols * (k / kGroup) * kCols,
@@ -270,7 +392,10 @@ struct Matrix {
     const int64_t n = codes.size(0) * kCols;
     const uint8_t* c = codes.data_ptr<uint8_t>();
     const auto dtype = scale.scalar_type();
-    if (dtype == at::kFloat) {
+    if (bits == 6) {
+      run<6, PerSpan, SubScales>(c, PerSpan{scale.data_ptr<at::Half>()}, SubScales{minimum.data_ptr<int8_t>()}, x,
+                                 rows, n, k, out);
+    } else if (dtype == at::kFloat) {
       dispatch(bits, c, Direct<float>{scale.data_ptr<float>()}, Direct<float>{minimum.data_ptr<float>()}, x, rows, n,
                k, out);
     } else if (dtype == at::kHalf) {
@@ -303,7 +428,7 @@ inline v16 gated(v16 g, v16 u, int64_t activation) {
 
 }  // namespace
 
-// x (rows, k) float32; codes (n / 16, k / 32, 256 or 512) uint8; scale, minimum (n / 16, k / 32, 16) float32 or
+// x (rows, k) float32; codes (n / 16, k / 32, 256, 384 or 512) uint8 (6-bit weights: see the top); scale, minimum (n / 16, k / 32, 16) float32 or
 // float16 (GGUF's own scales are float16: half the bytes to read), or uint8 steps with scale_unit, minimum_unit
 // (n / 16, k / 256, 16) float16 (factored; empty tensors otherwise) -> (rows, n) float32
 at::Tensor group_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
