@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from leapdecode.loading import LoadedModel
+from leapdecode.runtime.convert import Weights, apply_runtime
 
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
@@ -67,3 +68,20 @@ def saved_tiny(folder, arch: str = "llama", scale: float = 1.0) -> str:
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request) -> str:
     return request.param
+
+
+@functools.lru_cache(maxsize=None)
+def _runtime_model(arch: str, seed: int, layers: int, weights: str):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, 64, layers), attn_implementation="sdpa").eval()
+    with torch.no_grad():  # sharper distributions: repetitive, copyable greedy text
+        model.get_output_embeddings().weight.mul_(6.0)
+    info = apply_runtime(model, Weights(weights))
+    return model, info
+
+
+def runtime_loaded(arch: str, seed: int = 0, layers: int = 2, weights: str = "int4") -> LoadedModel:
+    """A tiny model on the exact runtime (quantized weights, row-invariant passes), sharp enough to copy."""
+    model, info = _runtime_model(arch, seed, layers, weights)
+    return LoadedModel(model=model, tokenizer=tiny_tokenizer(64), name=f"tiny-{arch}-{seed}-{weights}",
+                       context_length=512, runtime=info)

@@ -236,7 +236,7 @@ def test_exact_runtime_output_equals_ar(arch, tmp_path):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-    from test_exact_methods import runtime_loaded
+    from conftest import runtime_loaded
     from test_exactness import random_prompts
 
     target = runtime_loaded(arch, layers=LAYERS)

@@ -2,37 +2,16 @@
 of the batch engine (llama, qwen2, gemma3; int4 weights and the row-invariant attention)."""
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from conftest import ARCHITECTURES, tiny_config, tiny_tokenizer
+from conftest import ARCHITECTURES, runtime_loaded
 from leapdecode import Decoder
 from leapdecode.batching import BatchEngine
 from leapdecode.engine import _settings
-from leapdecode.loading import LoadedModel
-from leapdecode.runtime.convert import Weights, apply_runtime
 from test_exactness import random_prompts
 
 METHODS = ["pld", "pld-tree", "aded", "stand", "lookahead", "draft", "draft-tree"]
-
-
-@functools.lru_cache(maxsize=None)
-def _model(arch: str, seed: int, layers: int, weights: str):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, 64, layers), attn_implementation="sdpa").eval()
-    with torch.no_grad():  # sharper distributions: repetitive, copyable greedy text
-        model.get_output_embeddings().weight.mul_(6.0)
-    info = apply_runtime(model, Weights(weights))
-    return model, info
-
-
-def runtime_loaded(arch: str, seed: int = 0, layers: int = 2, weights: str = "int4") -> LoadedModel:
-    model, info = _model(arch, seed, layers, weights)
-    return LoadedModel(model=model, tokenizer=tiny_tokenizer(64), name=f"tiny-{arch}-{seed}-{weights}",
-                       context_length=512, runtime=info)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -27,7 +27,7 @@ def _draft(build: MethodBuild) -> Drafter:
     from ..drafters.draft_model import DraftModelDrafter
 
     opts = take_options(build.options, {"num_draft_tokens": 20, "adaptive": False, "confidence_threshold": 0.4,
-                                        "draft_vocab": 0}, "draft")
+                                        "draft_vocab": 0, "lookup": 0}, "draft")
     try:
         return DraftModelDrafter(build.draft.model, **opts)
     except ValueError as err:
