@@ -50,9 +50,9 @@ class Weights(str, Enum):
 
 WEIGHT_CHOICES = tuple(w.value for w in Weights)
 WEIGHTS_HELP = ("runtime: int4 (the CPU default: a GGUF's 4-bit and Q6_K blocks as they are, its other "
-                "higher-precision tensors as 8-bit groups; exact passes), int4-all (every layer in 4-bit groups: faster, a small measured "
-                "loss against the file; exact passes), int8, bf16, or fp32 (the float32 reference, identical only "
-                "up to floating-point noise)")
+                "higher-precision tensors as 8-bit groups; exact passes), int4-all (every layer in 4-bit groups: "
+                "faster, a small measured loss against the file; exact passes), int8, bf16, or fp32 (the float32 "
+                "reference, identical only up to floating-point noise)")
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,10 @@ def _int6_from_gguf(tensor, hf_weight: torch.Tensor, order: np.ndarray | None) -
     return Int6Linear(codes.codes, codes.sub_scales, codes.units)
 
 
+# GGUF types whose blocks the runtime holds as they are: the module maker and the form's name in the load line
+_KEPT_AS_THEY_ARE = {**dict.fromkeys(FOUR_BIT, (_int4_from_gguf, "int4")), "Q6_K": (_int6_from_gguf, "6-bit")}
+
+
 # ----- the swap ---------------------------------------------------------------------------------------------
 
 def _linear_for(name: str, linear: nn.Linear, weights: Weights, gguf: GGUFTensors | None) -> tuple[nn.Module, str]:
@@ -169,13 +173,13 @@ def _linear_for(name: str, linear: nn.Linear, weights: Weights, gguf: GGUFTensor
     kind = tensor.tensor_type.name
     if weights is Weights.INT4_ALL and kind not in FOUR_BIT:
         return Int4Linear.from_float(w, b), f"int4 re-quantized from GGUF {kind}"
-    if kind in FOUR_BIT or kind == "Q6_K":
-        made = _int4_from_gguf if kind in FOUR_BIT else _int6_from_gguf
+    if kind in _KEPT_AS_THEY_ARE:
+        made, form = _KEPT_AS_THEY_ARE[kind]
         module = made(tensor, w, gguf.row_order(name, w.shape[0]))
         if module is not None:
             if b is not None:
                 module.bias = nn.Parameter(b.detach().float(), requires_grad=False)
-            return module, f"{'int4' if kind in FOUR_BIT else '6-bit'} from GGUF {kind}"
+            return module, f"{form} from GGUF {kind}"
         if kind in FOUR_BIT:
             return Int4Linear.from_float(w, b), "int4 quantized on load"
     if kind == "Q8_0" and tuple(tensor.data.shape)[0] == w.shape[0] and gguf.row_order(name, w.shape[0]) is None:

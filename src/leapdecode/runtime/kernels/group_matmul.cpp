@@ -314,7 +314,7 @@ template <int BITS, typename S, typename M>
 void block(const uint8_t* w, const S& scale, const M& minimum, const Rows& x, int64_t rows, int64_t groups, int64_t k,
            float* out, int64_t ldo) {
   int64_t m = 0;
-  if constexpr (BITS == 6) {  // two accumulators a row: 8 rows at once spill registers
+  if constexpr (BITS == 6) {  // two accumulators a row: 4 rows at once measured no slower than 8
     for (; m + kTile6 <= rows; m += kTile6) tile<BITS, S, M, kTile6>(w, scale, minimum, x, m, groups, k, out, ldo);
   }
   for (; m + kTile <= rows; m += kTile) tile<BITS, S, M, kTile>(w, scale, minimum, x, m, groups, k, out, ldo);
