@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from leapdecode import Decoder
 from leapdecode.errors import InvalidSettingError
@@ -291,3 +292,121 @@ def test_float32_window_is_stored_in_float16_and_counted():
     wide = CompressedCache("gear", 4, rank=0, outliers=0.005, window=16, block=8, window_dtype=None)
     _feed(wide, chunks)
     assert wide.layers[0].keys.dtype == torch.float32
+
+
+# ----- compression in one call, and attention reading the blocks itself (the exact runtime's C++ kernel) ---------
+
+@pytest.mark.parametrize("bits,rank,outliers,group,scale_bits", [(4, 0, 0.005, 64, 8), (2, 2, 0.03, 16, 8),
+                                                                 (4, 1, 0.01, 64, 16)])
+def test_blocks_compressed_together_equal_blocks_compressed_alone(bits, rank, outliers, group, scale_bits):
+    x = _kv_like(8, t=192)
+    for kind in ("key", "value"):
+        codec = BlockCodec(kind, bits, group, rank, outliers, scale_bits)
+        together = codec.compress_blocks(x, 64)
+        alone = codec.compress(x[:, :, :64])
+        for n in (1, 2):
+            alone = alone.cat(codec.compress(x[:, :, 64 * n:64 * (n + 1)]))
+        for a, b in zip(together.tensors(), alone.tensors()):
+            assert torch.equal(a, b)
+
+
+def _native():
+    from leapdecode.runtime import native
+
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip("no C++ compiler here")
+    return kernels
+
+
+@settings(max_examples=25, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), rank=st.integers(0, 2), outliers=st.sampled_from([0.0, 0.01, 0.05]),
+       scale_bits=st.sampled_from([8, 16]), blocks=st.integers(1, 3), exact=st.integers(1, 9),
+       queries=st.integers(1, 5), dim=st.sampled_from([16, 24, 64]), tree=st.booleans(), seed=st.integers(0, 99))
+def test_attention_over_blocks_equals_attention_over_decompressed_blocks(bits, rank, outliers, scale_bits, blocks,
+                                                                         exact, queries, dim, tree, seed):
+    """The kernel decodes the blocks with decompress's float32 operations, so its output is bit for bit the
+    row-invariant attention's on the decompressed keys and values, for chains and tree masks alike."""
+    from leapdecode.kv_compress.cache import _block_tensors
+    from leapdecode.kv_compress.codec import SCALE_TABLE
+    from leapdecode.runtime.attention import key_lists
+
+    kernels = _native()
+    g = torch.Generator().manual_seed(seed)
+    block, heads, group = 8, 2, 3
+    queries = min(queries, exact)
+    codecs = [BlockCodec(kind, bits, 8 if kind == "key" else dim // 2 if dim % 16 == 0 else dim, rank, outliers,
+                         scale_bits) for kind in ("key", "value")]
+    old = [torch.randn(1, heads, blocks * block, dim, generator=g) * 3 for _ in range(2)]
+    stored = [codec.compress_blocks(x, block) for codec, x in zip(codecs, old)]
+    near = [torch.randn(1, heads, exact, dim, generator=g) for _ in range(2)]
+    view = blocks * block
+    full = [torch.cat([codec.decompress(b, block, dim, torch.float32), e], dim=2)
+            for codec, b, e in zip(codecs, stored, near)]
+    length = view + exact
+    mask = None
+    if tree:  # each query sees the past and a random subset of the other new positions before it, itself
+        visible = torch.ones(queries, length, dtype=torch.bool)
+        new = torch.rand(queries, queries, generator=g) < 0.5
+        visible[:, length - queries:] = new.tril() | torch.eye(queries, dtype=torch.bool)
+        mask = visible[None, None]
+    lists = key_lists(mask, 1, queries, length)
+    query = torch.randn(1, heads * group, queries, dim, generator=g)
+    ref = kernels.row_attention(query, full[0], full[1], lists.start, lists.stop, lists.col_ptr, lists.columns, 0.3)
+    got = kernels.block_attention(query, near[0], near[1], view, block, _block_tensors(stored[0]),
+                                  _block_tensors(stored[1]), codecs[0].layout(), codecs[1].layout(), SCALE_TABLE,
+                                  lists.start, lists.stop, lists.col_ptr, lists.columns, 0.3)
+    assert torch.equal(got, ref)
+
+
+def _runtime_lm(target, settings: KVSettings, in_attention: bool) -> CausalLM:
+    return CausalLM(target.model, cache_factory=lambda: make_cache(settings, target.model.config, in_attention))
+
+
+def test_runtime_attention_reads_blocks_with_the_bits_of_decompression(arch):
+    """On the exact runtime the attention reads old blocks itself; logits equal those of decompressing them."""
+    from conftest import runtime_loaded
+    from leapdecode.runtime.attention import reads_blocks
+
+    _native()
+    target = runtime_loaded(arch)
+    assert reads_blocks(target.model) and not reads_blocks(tiny_loaded(arch).model)
+    settings = KVSettings("gear", 2, window=16, block=8)
+    fused, unfused = _runtime_lm(target, settings, True), _runtime_lm(target, settings, False)
+    prompt = torch.tensor([random_prompts(4)[0]])
+    tokens = [prompt[:, :-1], prompt[:, -1:], torch.tensor([[3, 9, 4]]), torch.tensor([[7]]), torch.tensor([[1] * 12])]
+    for ids in tokens:
+        first = fused.length == 0
+        assert torch.equal(fused.forward(ids, prompt=first), unfused.forward(ids, prompt=first))
+    assert fused.cache.layers[0].compressed_length > 0 and fused.cache.layers[0].hidden > 0
+
+
+def test_a_prompt_pass_stays_exact_and_is_compressed_afterwards():
+    """A prompt fed alone into the empty cache sees exact keys (GEAR compresses after prefill); the next pass
+    compresses it."""
+    target = tiny_loaded("llama", scale=6.0)
+    settings = KVSettings("gear", 4, window=16, block=8, window_dtype="model")
+    prompt = torch.tensor([random_prompts(5)[0][:40]])
+    plain = CausalLM(target.model)
+    lm = CausalLM(target.model, cache_factory=lambda: make_cache(settings))
+    assert torch.equal(lm.forward(prompt, prompt=True), plain.forward(prompt, prompt=True))
+    assert lm.cache.layers[0].compressed_length == 0
+    lm.forward(torch.tensor([[5]]))
+    assert lm.cache.layers[0].compressed_length == 24  # view of position 40: 8 * ((40 - 16) // 8)
+
+
+@pytest.mark.parametrize("kind,bits", [("gear", 2), ("gear", 4)])
+def test_lossless_methods_on_the_runtime_with_a_compressed_cache_equal_ar_on_it(arch, kind, bits):
+    from conftest import runtime_loaded
+
+    _native()
+    target = runtime_loaded(arch)
+    kv = dict(kv_cache=kind, kv_bits=bits, **KV)
+    prompts = random_prompts(9, n=3)
+    refs = [Decoder(target, "ar", **kv).generate(p, max_new_tokens=40).token_ids for p in prompts]
+    for method, extra in [("pld", {}), ("pld-tree", {}), ("draft", "self")]:
+        kw = {"draft": target} if extra == "self" else extra
+        dec = Decoder(target, method, **kw, **kv)
+        for p, ref in zip(prompts, refs):
+            assert dec.generate(p, max_new_tokens=40).token_ids == ref, (method, p)
+        assert dec.lm.cache._view.in_attention

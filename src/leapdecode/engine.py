@@ -32,7 +32,8 @@ class SequenceScorer:
     """The `step.Scorer` of one sequence: a `CausalLM` and its cache. The prompt (all but its last token) is
     fed with the first verification pass (one target call fewer), or alone first (`prefill`) when that pass
     is a branching tree, whose mask would span the whole prompt, or when the runtime is exact
-    (`separate_prompt`: the prompt alone takes the fused kernel, and every method feeds it the same way)."""
+    (`separate_prompt`: the prompt alone takes the fused kernel, and every method feeds it the same way; a
+    compressed KV cache keeps such a prompt exact, so every method feeds it alone there too)."""
 
     def __init__(self, lm: CausalLM, lead: list[int], separate_prompt: bool = False):
         self.lm, self.lead, self.separate_prompt = lm, list(lead), separate_prompt
@@ -84,6 +85,7 @@ class Decoder:
         self.method = method
         self.kv = kv_compress.take_settings(options)  # kv_cache=quant|gear, kv_bits=...: lossy KV compression
         self.lm = CausalLM(target.model, cache_factory=kv_compress.make_cache_factory(self.kv, target.model))
+        self.separate_prompt = target.runtime.exact or self.kv is not None  # SequenceScorer's
         self.build = MethodBuild(target=target, draft=draft, options=dict(options))
         self.drafter = self.spec.make_drafter(self.build)
         self.lm.keep_hidden = self.drafter.needs_target_hidden
@@ -134,7 +136,7 @@ class Decoder:
                                      tokenizer=self.target.tokenizer, stop_ids=self.target.stop_token_ids,
                                      context_length=context, history=self.history, started=started,
                                      logits_rule=self.spec.make_rule(self.build))
-            scorer = SequenceScorer(self.lm, prompt_ids[:-1], separate_prompt=self.target.runtime.exact)
+            scorer = SequenceScorer(self.lm, prompt_ids[:-1], separate_prompt=self.separate_prompt)
             if self.spec.target_patch is not None:  # methods that patch the target (lossy ones) keep a
                 scorer.prefill()  # separate prefill, which some of them decide on
             while not row.finished:

@@ -50,14 +50,16 @@ class CausalLM:
 
     def forward(self, ids: torch.Tensor, logits_to_keep: int = 0, prompt: bool = False) -> torch.Tensor:
         """Append `ids` (B, T) after the cache, causally; return logits (B, T or logits_to_keep, V).
-        `prompt`: `ids` is a prompt fed alone into the empty cache (the exact runtime may use a fused kernel)."""
-        if kv_cache.splits_passes(self.cache):  # a compressed cache: one call per view it gives
+        `prompt`: `ids` is a prompt fed alone into the empty cache (the exact runtime may use a fused kernel; a
+        compressed cache keeps it exact, compressing it from the next pass on, as GEAR compresses after prefill)."""
+        first = prompt and self.length == 0
+        if kv_cache.splits_passes(self.cache) and not first:  # a compressed cache: one call per view it gives
             logits = kv_cache.split_passes().forward(self, ids, logits_to_keep)
             if logits is not None:
                 return logits
         out = self.passes(
             input_ids=ids.to(self.device), cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep,
-            **self._hidden_kwargs(), **({PROMPT_PASS: True} if prompt and self.length == 0 else {}),
+            **self._hidden_kwargs(), **({PROMPT_PASS: True} if first else {}),
         )
         self._keep(out)
         self.forward_passes += 1

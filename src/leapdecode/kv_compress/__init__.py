@@ -22,6 +22,7 @@ from functools import partial
 import torch
 
 from ..errors import InvalidSettingError
+from ..runtime import attention
 from .cache import CompressedCache, CompressedLayer, KVRollbackError
 from .codec import BlockCodec, Blocks
 
@@ -121,9 +122,10 @@ def take_settings(options: dict) -> KVSettings | None:
     return settings
 
 
-def make_cache(settings: KVSettings | None = None, config=None):
+def make_cache(settings: KVSettings | None = None, config=None, in_attention: bool = False):
     """A fresh cache for one sequence: transformers' `DynamicCache` for none, `CompressedCache` for quant/gear,
-    transformers' `QuantizedCache` (quanto backend, needs `config` and optimum-quanto) for hf-quanto."""
+    transformers' `QuantizedCache` (quanto backend, needs `config` and optimum-quanto) for hf-quanto.
+    `in_attention`: the model's attention reads compressed blocks itself (`runtime.attention.reads_blocks`)."""
     from transformers import DynamicCache
 
     if settings is None or settings.kind == "none":
@@ -142,14 +144,18 @@ def make_cache(settings: KVSettings | None = None, config=None):
             raise InvalidSettingError(f"kv_cache=hf-quanto needs optimum-quanto (pip install optimum-quanto): "
                                       f"{err}") from None
     return CompressedCache(settings.kind, settings.bits, settings.rank, settings.outliers, settings.window,
-                           settings.block, settings.group, settings.scale_bits, WINDOW_DTYPES[settings.window_dtype])
+                           settings.block, settings.group, settings.scale_bits, WINDOW_DTYPES[settings.window_dtype],
+                           in_attention)
 
 
 def make_cache_factory(settings: KVSettings | None, model=None):
-    """For `CausalLM(model, cache_factory=...)`: None (the plain cache) when `settings` asks for none."""
+    """For `CausalLM(model, cache_factory=...)`: None (the plain cache) when `settings` asks for none. With the
+    exact runtime's attention, old blocks are read inside the attention kernel instead of decompressed."""
     if settings is None or settings.kind == "none":
         return None
-    return partial(make_cache, settings, getattr(model, "config", None))
+    if model is None:
+        return partial(make_cache, settings)
+    return partial(make_cache, settings, model.config, attention.reads_blocks(model))
 
 
 def _tensor_bytes(t) -> int:

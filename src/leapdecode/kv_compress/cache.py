@@ -25,7 +25,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..errors import LeapdecodeError
-from .codec import BlockCodec, Blocks
+from ..runtime import attention, native
+from .codec import SCALE_TABLE, BlockCodec, Blocks
 
 
 class KVRollbackError(LeapdecodeError):
@@ -33,18 +34,26 @@ class KVRollbackError(LeapdecodeError):
 
 
 class _View:
-    """State shared by a cache and its layers: the position whose view a continued (split) pass must see."""
+    """State shared by a cache and its layers: the position whose view a continued (split) pass must see, and
+    whether the model's attention reads the compressed blocks itself (`CompressedLayer.attend`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, in_attention: bool = False) -> None:
         self.position: int | None = None
+        self.in_attention = in_attention
+
+
+def _block_tensors(blocks: Blocks) -> list[torch.Tensor]:
+    return [torch.empty(0) if t is None else t for t in blocks._fields()]
 
 
 class CompressedLayer(DynamicLayer):
     is_croppable = False  # transformers' own crop(): use `crop_to` / `keep`, which check the window
 
     def __init__(self, key_codec: BlockCodec, value_codec: BlockCodec, window: int, block: int, view: _View,
-                 window_dtype: torch.dtype | None = torch.float16):
+                 window_dtype: torch.dtype | None = torch.float16, layer_index: int = 0):
         super().__init__()
+        self.layer_index = layer_index  # the model layer it serves (attention checks it takes its own read)
+        self.hidden = 0  # positions the last deferred read left to `attend` (in the blocks)
         self.key_codec, self.value_codec = key_codec, value_codec
         self.window, self.block, self._view = window, block, view
         self.window_dtype = window_dtype  # how a float32 model's recent tokens are stored (None: as computed)
@@ -93,15 +102,17 @@ class CompressedLayer(DynamicLayer):
         return x.to(self.window_dtype)
 
     def _compress_to(self, length: int) -> None:
-        while self.compressed_length < length:
-            start = self.compressed_length - self.exact_start
-            if start < 0:
-                raise KVRollbackError("compressed KV cache: the exact copy of a block to compress is gone")
-            k = self.keys[..., start:start + self.block, :]
-            v = self.values[..., start:start + self.block, :]
-            kb, vb = self.key_codec.compress(k), self.value_codec.compress(v)
-            self.key_blocks = kb if self.key_blocks is None else self.key_blocks.cat(kb)
-            self.value_blocks = vb if self.value_blocks is None else self.value_blocks.cat(vb)
+        """Compress the blocks up to `length` (a multiple of the block), all in one call (after a prompt, many)."""
+        if self.compressed_length >= length:
+            return
+        start = self.compressed_length - self.exact_start
+        if start < 0:
+            raise KVRollbackError("compressed KV cache: the exact copy of a block to compress is gone")
+        stop = start + length - self.compressed_length
+        kb = self.key_codec.compress_blocks(self.keys[..., start:stop, :], self.block)
+        vb = self.value_codec.compress_blocks(self.values[..., start:stop, :], self.block)
+        self.key_blocks = kb if self.key_blocks is None else self.key_blocks.cat(kb)
+        self.value_blocks = vb if self.value_blocks is None else self.value_blocks.cat(vb)
 
     def _trim_to(self, length: int) -> None:
         """Drop the exact copy of positions before `length` (they are compressed)."""
@@ -126,6 +137,10 @@ class CompressedLayer(DynamicLayer):
         self.keys = torch.cat([self.keys, self._stored(key_states)], dim=-2)
         self.values = torch.cat([self.values, self._stored(value_states)], dim=-2)
         skip = view - self.exact_start
+        if view and self._view.in_attention:  # the attention reads the blocks itself (`attend`)
+            self.hidden = view
+            attention.BLOCK_READS.put(self.layer_index, self)
+            return self.keys[..., skip:, :].to(key_states.dtype), self.values[..., skip:, :].to(value_states.dtype)
         return (self._read(self.key_codec, self.key_blocks, self.keys[..., skip:, :], view, key_states.dtype),
                 self._read(self.value_codec, self.value_blocks, self.values[..., skip:, :], view,
                            value_states.dtype))
@@ -146,6 +161,15 @@ class CompressedLayer(DynamicLayer):
         codec.decompress(blocks, self.block, d, dtype, view // self.block, out=out[..., :view, :])
         out[..., view:, :].copy_(exact)
         return out
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lists, scaling: float) -> torch.Tensor:
+        """Attention for the pass whose `update` just ran: positions [0, hidden) from the blocks, decoded inside
+        the C++ kernel, the rest from `key`/`value` (runtime/attention.py's `BlockReader`). The same bits as
+        decompressing first and running the row-invariant attention on the result."""
+        return native.kernels().block_attention(
+            query, key, value, self.hidden, self.block, _block_tensors(self.key_blocks),
+            _block_tensors(self.value_blocks), self.key_codec.layout(), self.value_codec.layout(), SCALE_TABLE,
+            lists.start, lists.stop, lists.col_ptr, lists.columns, scaling)
 
     # ----- rollback ------------------------------------------------------------------------------------------
     def _check(self, length: int, what: str) -> None:
@@ -199,7 +223,7 @@ class CompressedCache(Cache):
 
     def __init__(self, kind: str, bits: int, rank: int = 0, outliers: float = 0.0, window: int = 64,
                  block: int = 64, group: int = 64, scale_bits: int = 8,
-                 window_dtype: torch.dtype | None = torch.float16):
+                 window_dtype: torch.dtype | None = torch.float16, in_attention: bool = False):
         if kind not in ("quant", "gear"):
             raise ValueError(f"kind must be quant or gear, got {kind!r}")
         if window < 1 or block < 1:
@@ -209,12 +233,14 @@ class CompressedCache(Cache):
         self.kind, self.bits, self.rank, self.outliers = kind, bits, rank, outliers
         self.window, self.block, self.group = window, block, group
         self.scale_bits, self.window_dtype = scale_bits, window_dtype
-        self._view = _View()
+        self._view = _View(in_attention)
         codecs = [BlockCodec(k, bits, group, rank, outliers, scale_bits) for k in ("key", "value")]
         view = self._view
+        made = []
 
-        def layer() -> CompressedLayer:
-            return CompressedLayer(codecs[0], codecs[1], window, block, view, window_dtype)
+        def layer() -> CompressedLayer:  # transformers makes them in layer order
+            made.append(CompressedLayer(codecs[0], codecs[1], window, block, view, window_dtype, len(made)))
+            return made[-1]
 
         super().__init__(layer_class_to_replicate=layer)
 

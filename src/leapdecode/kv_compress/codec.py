@@ -18,7 +18,8 @@ GEAR (Kang et al., 2024) on a block X:
   S = the entries whose removal shrinks their group's range the most (a fraction `outliers` of X), kept in
       float16 with a 16-bit index;
   D = dequant(quant(X without S)) with the range taken over the remaining entries;
-  R = X - D (zero where S is), approximated per head by its top-`rank` singular triplets L = A @ B (float16);
+  R = X - D (zero where S is), approximated per head by L = A @ B (float16) from a few steps of subspace
+      (power) iteration, as GEAR computes it, near the top-`rank` singular triplets;
   X ~ D + L, with the S entries overwritten by their stored values.
 """
 from __future__ import annotations
@@ -30,7 +31,11 @@ import torch
 Tensor = torch.Tensor
 
 _ZERO_STEPS = 255  # 8-bit zero points: codes 0..255 on [z_min, z_max]
+_POWER_STEPS = 6  # subspace iterations of the low-rank error term
 _SCALE_STEPS = 16  # 8-bit scales: s_max * 2^(-c/16), c in 0..255 (a range of 2^-16)
+# 2^(-c/16) for every code, as float32: a step is s_max * SCALE_TABLE[c], one rounding, the same in torch and in
+# the C++ attention over blocks (runtime/kernels/row_attention.cpp), which takes this table
+SCALE_TABLE = torch.tensor([2.0 ** (-c / _SCALE_STEPS) for c in range(256)], dtype=torch.float32)
 
 
 @dataclass
@@ -173,7 +178,7 @@ class BlockCodec:
                                torch.nextafter(z_step16, torch.full_like(z_step16, torch.inf)), z_step16)
         z_step = z_step16.float()
         zc = torch.floor((lo - z_min.unsqueeze(-1)) / z_step.unsqueeze(-1)).clamp_(0, _ZERO_STEPS)
-        z = z_min.unsqueeze(-1) + zc * z_step.unsqueeze(-1)
+        z = z_min.unsqueeze(-1) + zc * z_step.unsqueeze(-1)  # a product, then a sum: as decompression rebuilds it
         need = ((hi - z) / self.levels).clamp_min(1e-8)
         s_max16 = need.amax(-1).half()
         s_max16 = torch.where(s_max16.float() < need.amax(-1),
@@ -181,12 +186,15 @@ class BlockCodec:
         s_max = s_max16.float()
         sc = torch.floor(-_SCALE_STEPS * torch.log2(need / s_max.unsqueeze(-1))).clamp_(0, 255)
         s = self._scale_value(s_max.unsqueeze(-1), sc)
+        short = s < need  # the table's rounding may leave a step a hair short of the range: one code coarser
+        sc = torch.where(short & (sc > 0), sc - 1, sc)
+        s = self._scale_value(s_max.unsqueeze(-1), sc)
         meta = torch.stack([s_max16, z_min16, z_step16], dim=-1)
         return sc.to(torch.uint8), zc.to(torch.uint8), meta, s, z
 
     @staticmethod
     def _scale_value(s_max: Tensor, code: Tensor) -> Tensor:
-        return s_max * torch.exp2(code.float() * (-1.0 / _SCALE_STEPS))
+        return s_max * SCALE_TABLE.to(s_max.device)[code.long()]
 
     def _step_and_zero(self, blocks: Blocks, n: int) -> tuple[Tensor, Tensor]:
         """(b, h, n, G) float32 step and zero point of the first `n` blocks."""
@@ -194,7 +202,7 @@ class BlockCodec:
             return blocks.scale[:, :, :n].float(), blocks.zero[:, :, :n].float()
         meta = blocks.meta[:, :, :n].float()
         s = self._scale_value(meta[..., 0:1], blocks.scale[:, :, :n])
-        z = torch.addcmul(meta[..., 1:2], blocks.zero[:, :, :n].float(), meta[..., 2:3])
+        z = meta[..., 1:2] + blocks.zero[:, :, :n].float() * meta[..., 2:3]
         return s, z
 
     # ----- compress -----------------------------------------------------------------------------------------------
@@ -206,12 +214,13 @@ class BlockCodec:
         k = min(round(self.outliers * groups * m), 2 * groups)
         if k <= 0 or m < 3:
             return None
-        top = y.topk(2, dim=-1)
-        bottom = (-y).topk(2, dim=-1)
-        hi, hi2, lo, lo2 = top.values[..., 0], top.values[..., 1], -bottom.values[..., 0], -bottom.values[..., 1]
+        hi, hi_at = y.max(-1)  # the two largest and the two smallest of each group (max/min: topk is slow here)
+        lo, lo_at = y.min(-1)
+        hi2 = y.scatter(-1, hi_at.unsqueeze(-1), -torch.inf).amax(-1)
+        lo2 = y.scatter(-1, lo_at.unsqueeze(-1), torch.inf).amin(-1)
         span = (hi - lo) ** 2
         gains = torch.cat([span - (hi2 - lo) ** 2, span - (hi - lo2) ** 2], dim=-1)  # (b, h, 2G)
-        member = torch.cat([top.indices[..., 0], bottom.indices[..., 0]], dim=-1)
+        member = torch.cat([hi_at, lo_at], dim=-1)
         group = torch.arange(groups, device=y.device).repeat(2).expand_as(member)
         chosen = gains.topk(k, dim=-1).indices
         return group.gather(-1, chosen), member.gather(-1, chosen)
@@ -247,11 +256,24 @@ class BlockCodec:
             residual = xf - deq
             if index is not None:
                 residual = residual.reshape(b, h, t * d).scatter(-1, index, 0.0).reshape(b, h, t, d)
-            u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
-            r = min(self.rank, sv.shape[-1])
-            blocks.lr_a = (u[..., :r] * sv[..., None, :r]).half().unsqueeze(2)
-            blocks.lr_b = vh[..., :r, :].half().unsqueeze(2)
+            a, b_ = self._low_rank(residual)
+            blocks.lr_a = a.half().unsqueeze(2)
+            blocks.lr_b = b_.half().unsqueeze(2)
         return blocks
+
+    def _low_rank(self, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """A rank-`rank` approximation A @ B of each (T, d) residual by subspace iteration on R^T R, as GEAR
+        computes it (power iteration, cheaper than an SVD for a rank of 2-4): B = an orthonormal basis V^T of
+        the dominant right singular subspace, A = R V, from a fixed start (the same blocks give the same
+        factors)."""
+        t, d = residual.shape[-2:]
+        r = min(self.rank, t, d)
+        gram = residual.transpose(-1, -2) @ residual  # (..., d, d)
+        start = torch.Generator().manual_seed(0)
+        v = torch.randn(d, r, generator=start).to(residual).expand(*gram.shape[:-2], d, r)
+        for _ in range(_POWER_STEPS):
+            v, _ = torch.linalg.qr(gram @ v)
+        return residual @ v, v.transpose(-1, -2)
 
     # ----- decompress ---------------------------------------------------------------------------------------------
     def decompress(self, blocks: Blocks, t: int, d: int, dtype: torch.dtype, count: int | None = None,
@@ -272,8 +294,8 @@ class BlockCodec:
         y = y.add_(self._broadcast(z, t, d)).view(b, h, n, t, d)
         if blocks.lr_a is not None:  # the low-rank error term, one outer product per rank (elementwise, so a
             a, bb = blocks.lr_a[:, :, :n].float(), blocks.lr_b[:, :, :n].float()  # block's values do not depend
-            for i in range(a.shape[-1]):  # on how many blocks are decompressed together)
-                y.addcmul_(a[..., i:i + 1], bb[..., i:i + 1, :])
+            for i in range(a.shape[-1]):  # on how many blocks are decompressed together; a product, then a sum)
+                y.add_(a[..., i:i + 1] * bb[..., i:i + 1, :])
         if blocks.out_index is not None:  # the outliers: written over everything else
             y.view(b, h, n, t * d).scatter_(-1, blocks.out_index[:, :, :n].long(), blocks.out_values[:, :, :n].float())
         y = y.view(b, h, n * t, d)
@@ -281,6 +303,17 @@ class BlockCodec:
             out.copy_(y)
             return out
         return y if target is not None else y.to(dtype)
+
+    def compress_blocks(self, x: Tensor, t: int) -> Blocks:
+        """(b, h, n * t, d) -> Blocks of n blocks of t tokens, in one call (each block compressed as alone)."""
+        b, h, length, d = x.shape
+        n = length // t
+        one = self.compress(x.reshape(b, h * n, t, d))
+        return Blocks(*(None if f is None else f.reshape(b, h, n, *f.shape[3:]).contiguous() for f in one._fields()))
+
+    def layout(self) -> list[int]:
+        """What the C++ attention over blocks needs to read them: bits, 0 keys / 1 values, group."""
+        return [self.bits, 0 if self.kind == "key" else 1, self.group]
 
     def round_trip(self, x: Tensor) -> Tensor:
         b, h, t, d = x.shape

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -119,6 +120,45 @@ def _plan(mask: torch.Tensor | None, batch: int, q: int, kv: int) -> list[RowKey
 _PLANS = threading.local()  # per thread: {layer kind: _PlanCache}
 
 
+class BlockReader(Protocol):
+    """A KV cache layer that keeps its oldest `hidden` positions in compressed blocks (kv_compress) and lets the
+    attention read them itself: its `update` hands out only the positions after them (`key`, `value` below)
+    and leaves itself in `BLOCK_READS` for the attention call that follows."""
+
+    hidden: int
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lists: "KeyLists",
+               scaling: float) -> torch.Tensor: ...
+
+
+class _BlockReads(threading.local):
+    """The block reader a layer's cache update left for the attention call that follows it (same thread)."""
+
+    pending: tuple[int, BlockReader] | None = None
+
+    def put(self, layer: int, reader: BlockReader) -> None:
+        self.pending = (layer, reader)
+
+    def take(self, module: torch.nn.Module | None) -> BlockReader | None:
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        if module is None or pending[0] != module.layer_idx:
+            raise RuntimeError("a compressed KV cache's read was not taken by its own layer's attention")
+        return pending[1]
+
+
+BLOCK_READS = _BlockReads()
+
+
+def reads_blocks(model: torch.nn.Module) -> bool:
+    """Whether attention in `model` can read a compressed cache's blocks itself (the exact attention with the C++
+    kernels, float32 on the CPU); otherwise the cache decompresses them for the attention function."""
+    param = next(model.parameters())
+    return (model.config._attn_implementation == EXACT_ATTENTION and param.device.type == "cpu"
+            and param.dtype == torch.float32 and native.kernels() is not None)
+
+
 def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                     **kwargs) -> tuple[torch.Tensor, None]:
@@ -128,8 +168,9 @@ def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         raise ValueError("the exact attention does not support attention logit soft-capping")
     if torch.compiler.is_compiling():  # a compiled pass: the cache and this routine run in one opaque op
         return attend(module, query, key, value, scaling), None
+    reader = BLOCK_READS.take(module)
     batch, heads, q, dim = query.shape
-    kv_heads, kv = key.shape[1], key.shape[2]
+    kv_heads, kv = key.shape[1], key.shape[2] + (reader.hidden if reader is not None else 0)
     if kwargs.pop(PROMPT_PASS, False) and attention_mask is None and q == kv:
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     group = heads // kv_heads
@@ -139,8 +180,12 @@ def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         caches = _PLANS.__dict__.setdefault("native", {})
         lists = caches.setdefault(layer_kind, _PlanCache()).get(attention_mask, batch, q, kv, key_lists)
         scale = scaling if scaling is not None else dim ** -0.5
+        if reader is not None:
+            return reader.attend(query, key, value, lists, float(scale)), None
         return kernels.row_attention(query, key, value, lists.start, lists.stop, lists.col_ptr, lists.columns,
                                      float(scale)), None
+    if reader is not None:
+        raise RuntimeError("a compressed KV cache left its blocks to an attention without the C++ kernels")
     caches = _PLANS.__dict__.setdefault("by_kind", {})
     plan = caches.setdefault(layer_kind, _PlanCache()).get(attention_mask, batch, q, kv, _plan)
     if batch == 1 and q == 1 and plan[0].columns is None and plan[0].start == 0 and plan[0].stop == kv:

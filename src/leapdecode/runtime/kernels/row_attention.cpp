@@ -373,3 +373,229 @@ at::Tensor row_attention(const at::Tensor& query, const at::Tensor& key, const a
   });
   return out;
 }
+
+// ----- attention over compressed KV blocks (kv_compress/codec.py) -------------------------------------------------
+// The cache keeps positions [0, view) in blocks of `block` tokens (codes packed in planes, a step and a zero point
+// per group, optionally a low-rank error term and outliers) and [view, view + E) exactly. Per (batch, key/value
+// head) the blocks are decoded into a thread's scratch rows, the exact rows copied after them, and `attend` runs
+// on that as on a plain cache: each row's result is the one row_attention gives on the decompressed tensors, bit
+// for bit, because decoding repeats BlockCodec.decompress's float32 operations in its order:
+//   y = float(code) * step + zero;  y = y + a_r * b_r for each rank r in turn;  outliers written over y
+// with step = s_max * table[scale code] and zero = z_min + float(zero code) * z_step (8-bit scales), or the
+// float16 step and zero as they are (16-bit scales).
+
+namespace {
+
+constexpr int64_t kMaxRank = 8;
+
+struct BlockSet {
+  const uint8_t* codes = nullptr;
+  int64_t code_bytes = 0;  // per block
+  const uint8_t *scale8 = nullptr, *zero8 = nullptr;
+  const at::Half *meta = nullptr, *scale16 = nullptr, *zero16 = nullptr;
+  int64_t groups = 0;  // per block
+  const at::Half *lr_a = nullptr, *lr_b = nullptr;
+  int64_t rank = 0;
+  const at::Half* out_values = nullptr;
+  const int16_t* out_index16 = nullptr;
+  const int32_t* out_index32 = nullptr;
+  int64_t outliers = 0;  // per block
+  int64_t bits = 4, value_groups = 0, group = 0;  // value_groups: 0 keys (per channel), 1 values (per token)
+  int64_t heads = 0, stored = 0;  // blocks stored per (batch, head)
+};
+
+// tensors: codes, scale, zero, meta, lr_a, lr_b, out_values, out_index (undefined or empty where absent);
+// layout: bits, 0 for keys / 1 for values, group
+BlockSet block_set(const std::vector<at::Tensor>& t, const std::vector<int64_t>& layout, int64_t block, int64_t dim) {
+  TORCH_CHECK(t.size() == 8 && layout.size() == 3, "block_attention: 8 block tensors and 3 layout figures");
+  auto has = [&](int i) { return t[i].defined() && t[i].numel() > 0; };
+  for (int i = 0; i < 8; ++i) TORCH_CHECK(!has(i) || t[i].is_contiguous(), "block_attention: contiguous blocks");
+  BlockSet s;
+  s.bits = layout[0];
+  s.value_groups = layout[1];
+  s.group = layout[2];
+  TORCH_CHECK(s.bits == 2 || s.bits == 4 || s.bits == 8, "block_attention: 2, 4 or 8 bits");
+  TORCH_CHECK(t[0].scalar_type() == at::kByte && t[0].dim() == 4, "block_attention: uint8 codes (B, H, N, bytes)");
+  s.heads = t[0].size(1);
+  s.stored = t[0].size(2);
+  s.code_bytes = t[0].size(3);
+  TORCH_CHECK(s.code_bytes * 8 == block * dim * s.bits, "block_attention: codes do not match the block");
+  s.codes = t[0].data_ptr<uint8_t>();
+  s.groups = t[1].size(3);
+  if (has(3)) {
+    TORCH_CHECK(t[1].scalar_type() == at::kByte && t[2].scalar_type() == at::kByte &&
+                    t[3].scalar_type() == at::kHalf, "block_attention: 8-bit scales with float16 meta");
+    s.scale8 = t[1].data_ptr<uint8_t>();
+    s.zero8 = t[2].data_ptr<uint8_t>();
+    s.meta = t[3].data_ptr<at::Half>();
+  } else {
+    TORCH_CHECK(t[1].scalar_type() == at::kHalf && t[2].scalar_type() == at::kHalf,
+                "block_attention: float16 scales");
+    s.scale16 = t[1].data_ptr<at::Half>();
+    s.zero16 = t[2].data_ptr<at::Half>();
+  }
+  if (has(4)) {
+    TORCH_CHECK(t[4].scalar_type() == at::kHalf && t[5].scalar_type() == at::kHalf, "block_attention: float16 factors");
+    s.rank = t[4].size(4);
+    TORCH_CHECK(s.rank <= kMaxRank, "block_attention: a rank up to 8");
+    s.lr_a = t[4].data_ptr<at::Half>();
+    s.lr_b = t[5].data_ptr<at::Half>();
+  }
+  if (has(6)) {
+    s.outliers = t[6].size(3);
+    s.out_values = t[6].data_ptr<at::Half>();
+    if (t[7].scalar_type() == at::kShort) s.out_index16 = t[7].data_ptr<int16_t>();
+    else {
+      TORCH_CHECK(t[7].scalar_type() == at::kInt, "block_attention: int16 or int32 outlier indices");
+      s.out_index32 = t[7].data_ptr<int32_t>();
+    }
+  }
+  return s;
+}
+
+// Block n of (b, h) -> y (block x dim float32, row-major); steps and zeros go through sz (2 * groups floats).
+void decode_block(const BlockSet& s, int64_t b, int64_t h, int64_t n, int64_t block, int64_t dim,
+                  const float* table, float* y, float* sz) {
+  const int64_t at = (b * s.heads + h) * s.stored + n;
+  float *step = sz, *zero = sz + s.groups;
+  if (s.meta) {
+    const at::Half* m = s.meta + at * 3;
+    const float s_max = static_cast<float>(m[0]), z_min = static_cast<float>(m[1]), z_step = static_cast<float>(m[2]);
+    const uint8_t *sc = s.scale8 + at * s.groups, *zc = s.zero8 + at * s.groups;
+    for (int64_t g = 0; g < s.groups; ++g) {
+      step[g] = s_max * table[sc[g]];
+      zero[g] = z_min + static_cast<float>(zc[g]) * z_step;
+    }
+  } else {
+    for (int64_t g = 0; g < s.groups; ++g) {
+      step[g] = static_cast<float>(s.scale16[at * s.groups + g]);
+      zero[g] = static_cast<float>(s.zero16[at * s.groups + g]);
+    }
+  }
+  const int64_t per = 8 / s.bits, rows = block / per;
+  const uint8_t* codes = s.codes + at * s.code_bytes;
+  const int64_t key_group = s.value_groups ? 1 : (block % s.group == 0 ? s.group : block);
+  const int64_t value_group = s.value_groups ? (dim % s.group == 0 ? s.group : dim) : 1;
+  const at::Half* a = s.rank ? s.lr_a + at * block * s.rank : nullptr;
+  float factors[kMaxRank * kLanes * kMaxChunks];  // the low-rank term's rows b_r as float32
+  for (int64_t r = 0; r < s.rank; ++r)
+    for (int64_t c = 0; c < dim; ++c) factors[r * dim + c] = static_cast<float>(s.lr_b[(at * s.rank + r) * dim + c]);
+  const uint32_t mask = (1u << s.bits) - 1u;
+  for (int64_t plane = 0; plane < per; ++plane) {
+    const uint32_t shift = static_cast<uint32_t>(plane * s.bits);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = plane * rows + r;
+      const uint8_t* bytes = codes + r * dim;
+      float* out = y + t * dim;
+      // (plain loops: the compiler vectorizes them, the same two operations per entry)
+      if (s.value_groups) {  // per token: groups of value_group channels
+        const float* st = step + t * (dim / value_group);
+        const float* zt = zero + t * (dim / value_group);
+        for (int64_t c0 = 0; c0 < dim; c0 += value_group) {
+          const float sg = st[c0 / value_group], zg = zt[c0 / value_group];
+          int64_t c = c0;
+          for (; c + kLanes <= c0 + value_group; c += kLanes)  // a fixed count: the compiler vectorizes it
+            for (int64_t l = 0; l < kLanes; ++l)
+              out[c + l] = static_cast<float>((static_cast<uint32_t>(bytes[c + l]) >> shift) & mask) * sg + zg;
+          for (; c < c0 + value_group; ++c)
+            out[c] = static_cast<float>((static_cast<uint32_t>(bytes[c]) >> shift) & mask) * sg + zg;
+        }
+      } else {  // per channel: each channel's key_group tokens
+        const float* st = step + (t / key_group) * dim;
+        const float* zt = zero + (t / key_group) * dim;
+        for (int64_t c = 0; c < dim; ++c)
+          out[c] = static_cast<float>((static_cast<uint32_t>(bytes[c]) >> shift) & mask) * st[c] + zt[c];
+      }
+      for (int64_t k = 0; k < s.rank; ++k) {  // the error term, one rank after the other, as decompress adds it
+        const float ak = static_cast<float>(a[t * s.rank + k]);
+        const float* bk = factors + k * dim;
+        for (int64_t c = 0; c < dim; ++c) out[c] = out[c] + ak * bk[c];
+      }
+    }
+  }
+  for (int64_t k = 0; k < s.outliers; ++k) {
+    const int64_t index = s.out_index16 ? s.out_index16[at * s.outliers + k] : s.out_index32[at * s.outliers + k];
+    y[index] = static_cast<float>(s.out_values[at * s.outliers + k]);
+  }
+}
+
+}  // namespace
+
+// query (B, H, Q, D) float32; exact_key/exact_value (B, Hkv, E, D) float32, positions view .. view + E; the first
+// view / block blocks of key_blocks / value_blocks (see block_set) hold positions 0 .. view. Key lists as in
+// row_attention, over positions 0 .. view + E. table: the 256 float32 scale factors of 8-bit scales.
+at::Tensor block_attention(const at::Tensor& query, const at::Tensor& exact_key, const at::Tensor& exact_value,
+                           int64_t view, int64_t block, const std::vector<at::Tensor>& key_blocks,
+                           const std::vector<at::Tensor>& value_blocks, const std::vector<int64_t>& key_layout,
+                           const std::vector<int64_t>& value_layout, const at::Tensor& table, const at::Tensor& start,
+                           const at::Tensor& stop, const at::Tensor& col_ptr, const at::Tensor& columns,
+                           double scaling) {
+  TORCH_CHECK(query.scalar_type() == at::kFloat && exact_key.scalar_type() == at::kFloat &&
+                  exact_value.scalar_type() == at::kFloat, "block_attention takes float32 tensors");
+  TORCH_CHECK(query.dim() == 4 && exact_key.dim() == 4 && exact_value.dim() == 4 && query.stride(3) == 1 &&
+                  exact_key.stride(3) == 1 && exact_value.stride(3) == 1,
+              "block_attention takes 4-D tensors with a contiguous last dimension");
+  TORCH_CHECK(table.scalar_type() == at::kFloat && table.numel() == 256 && table.is_contiguous(),
+              "block_attention: a table of 256 float32 scale factors");
+  TORCH_CHECK(view >= 0 && block > 0 && view % block == 0, "block_attention: the view is whole blocks");
+  const int64_t batch = query.size(0), heads = query.size(1), queries = query.size(2), dim = query.size(3);
+  const int64_t kv_heads = exact_key.size(1), vdim = exact_value.size(3), exact = exact_key.size(2);
+  TORCH_CHECK(exact_key.size(3) == dim && heads % kv_heads == 0 && exact_value.size(2) == exact,
+              "query and key shapes do not match");
+  TORCH_CHECK(dim <= kLanes * kMaxChunks && vdim <= kLanes * kMaxChunks, "head dimensions up to 256");
+  const int64_t n_blocks = view / block;
+  BlockSet keys, values;
+  if (n_blocks) {
+    keys = block_set(key_blocks, key_layout, block, dim);
+    values = block_set(value_blocks, value_layout, block, vdim);
+    TORCH_CHECK(keys.stored >= n_blocks && values.stored >= n_blocks && keys.heads == kv_heads &&
+                    values.heads == kv_heads, "block_attention: fewer blocks than the view");
+  }
+  const bool gathered = col_ptr.numel() > 0;
+  TORCH_CHECK(start.numel() == batch * queries && stop.numel() == batch * queries, "one key range per row");
+  TORCH_CHECK(!gathered || (col_ptr.numel() == batch * queries + 1 && col_ptr.is_contiguous() &&
+                            columns.is_contiguous()), "one column list per row");
+  auto out = at::zeros({batch, queries, heads, vdim}, query.options());
+  const int64_t length = view + exact;
+  Call c{query.data_ptr<float>(), nullptr, nullptr, strides_of(query), {0, 0, dim}, {0, 0, vdim},
+         queries, heads, kv_heads, heads / kv_heads, dim, vdim,
+         start.data_ptr<int64_t>(), stop.data_ptr<int64_t>(),
+         gathered ? col_ptr.data_ptr<int64_t>() : nullptr, gathered ? columns.data_ptr<int64_t>() : nullptr,
+         static_cast<float>(scaling), out.data_ptr<float>()};
+  const float* factors = table.data_ptr<float>();
+  const float *ek = exact_key.data_ptr<float>(), *ev = exact_value.data_ptr<float>();
+  const Strides eks = strides_of(exact_key), evs = strides_of(exact_value);
+  const int64_t vc = (vdim + kLanes - 1) / kLanes;
+  const int64_t items = batch * kv_heads;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    Scratch w;
+    // the decoded rows, kept from call to call (a fresh 1-2 MB buffer per call costs page faults)
+    thread_local std::vector<float> k, v, sz;
+    if (k.size() < static_cast<size_t>(length * dim)) k.resize(length * dim);
+    if (v.size() < static_cast<size_t>(length * vdim)) v.resize(length * vdim);
+    if (sz.size() < static_cast<size_t>(2 * std::max(keys.groups, values.groups)))
+      sz.resize(2 * std::max(keys.groups, values.groups));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / kv_heads, h = item % kv_heads;
+      for (int64_t n = 0; n < n_blocks; ++n) {
+        decode_block(keys, b, h, n, block, dim, factors, k.data() + n * block * dim, sz.data());
+        decode_block(values, b, h, n, block, vdim, factors, v.data() + n * block * vdim, sz.data());
+      }
+      for (int64_t j = 0; j < exact; ++j) {
+        std::memcpy(k.data() + (view + j) * dim, ek + b * eks.batch + h * eks.head + j * eks.seq, sizeof(float) * dim);
+        std::memcpy(v.data() + (view + j) * vdim, ev + b * evs.batch + h * evs.head + j * evs.seq,
+                    sizeof(float) * vdim);
+      }
+      Call own = c;
+      own.k = k.data();
+      own.v = v.data();
+      const int64_t shape = dim == vdim && dim % kLanes == 0 ? vc : 0;
+      switch (shape) {
+        case 4: attend<4, 4>(own, b, h, 0, queries, w); break;
+        case 8: attend<8, 8>(own, b, h, 0, queries, w); break;
+        default: attend<0, 0>(own, b, h, 0, queries, w);
+      }
+    }
+  });
+  return out;
+}
