@@ -206,10 +206,10 @@ class BlockCodec:
         return s, z
 
     # ----- compress -----------------------------------------------------------------------------------------------
-    def _outlier_index(self, y: Tensor) -> tuple[Tensor, Tensor] | None:
-        """(group, member) indices (b, h, k) in the `to_groups` layout of the entries kept apart: per group, the
-        largest and the smallest entry are candidates, scored by how much removing them shrinks the group's
-        squared range."""
+    def _outliers(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """The entries kept apart, in the `to_groups` layout: (group, member) indices (b, h, k), and each group's
+        smallest and largest entry among the others (b, h, G). Per group, the largest and the smallest entry are
+        candidates, scored by how much removing them shrinks the group's squared range."""
         b, h, groups, m = y.shape
         k = min(round(self.outliers * groups * m), 2 * groups)
         if k <= 0 or m < 3:
@@ -223,7 +223,10 @@ class BlockCodec:
         member = torch.cat([hi_at, lo_at], dim=-1)
         group = torch.arange(groups, device=y.device).repeat(2).expand_as(member)
         chosen = gains.topk(k, dim=-1).indices
-        return group.gather(-1, chosen), member.gather(-1, chosen)
+        taken = torch.zeros_like(gains, dtype=torch.bool).scatter_(-1, chosen, True)
+        lo = torch.where(taken[..., groups:], lo2, lo)  # m >= 3: the second extreme is another entry
+        hi = torch.where(taken[..., :groups], hi2, hi)
+        return group.gather(-1, chosen), member.gather(-1, chosen), lo, hi
 
     def compress(self, x: Tensor) -> Blocks:
         """One block (b, h, T, d) -> Blocks with n = 1."""
@@ -231,20 +234,16 @@ class BlockCodec:
         xf = x.float()
         y = self.to_groups(xf)  # (b, h, G, m)
         groups, m = y.shape[-2], y.shape[-1]
-        picked = self._outlier_index(y) if self.outliers > 0 else None
+        picked = self._outliers(y) if self.outliers > 0 else None
         if picked is not None:
-            mask = torch.zeros(b, h, groups, m, dtype=torch.bool, device=x.device)
-            mask[torch.arange(b)[:, None, None], torch.arange(h)[None, :, None], picked[0], picked[1]] = True
-            lo = torch.where(mask, torch.inf, y).amin(-1)
-            hi = torch.where(mask, -torch.inf, y).amax(-1)
-            index = self._flat_index(*picked, t, d).sort(dim=-1).values
+            group, member, lo, hi = picked
+            index = self._flat_index(group, member, t, d).sort(dim=-1).values
         else:
             lo, hi = y.amin(-1), y.amax(-1)
             index = None
         scale, zero, meta, s, z = self._scales(lo, hi)
         s_b, z_b = self._broadcast(s, t, d), self._broadcast(z, t, d)
         q = torch.round((self._entries(xf, t, d) - z_b) / s_b).clamp_(0, self.levels)
-        deq = (q * s_b + z_b).reshape(b, h, t, d)
         codes = self.pack(q.to(torch.uint8).reshape(b, h, t * d))
         blocks = Blocks(codes.unsqueeze(2), scale.unsqueeze(2), zero.unsqueeze(2),
                         None if meta is None else meta.unsqueeze(2))
@@ -253,7 +252,7 @@ class BlockCodec:
             blocks.out_values = values.unsqueeze(2)
             blocks.out_index = index.to(torch.int16 if t * d <= 32767 else torch.int32).unsqueeze(2)
         if self.rank > 0:
-            residual = xf - deq
+            residual = xf - (q * s_b + z_b).reshape(b, h, t, d)
             if index is not None:
                 residual = residual.reshape(b, h, t * d).scatter(-1, index, 0.0).reshape(b, h, t, d)
             a, b_ = self._low_rank(residual)
