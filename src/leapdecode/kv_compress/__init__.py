@@ -3,9 +3,12 @@
 - `quant`: per-group asymmetric quantization to 2, 4 or 8 bits (keys per channel, values per token), the
   baseline;
 - `gear`: GEAR (Kang et al., 2024): the same quantization, plus a rank-`rank` approximation of each block's
-  quantization error per head, plus a fraction `outliers` of the entries kept apart in float16.
+  quantization error per head (power iteration, as the paper computes it), plus a fraction `outliers` of the
+  entries kept apart in float16.
 
-The window of recent tokens is not quantized (a float32 model's is stored in float16, `window_dtype`).
+The window of recent tokens is not quantized (a float32 model's is stored in float16, `window_dtype`); a prompt
+fed alone is computed exactly and compressed afterwards; on the exact runtime the attention kernel reads the
+blocks itself instead of a decompressed copy (cache.py).
 
 Every method runs on it (`Decoder(target, method, kv_cache="gear", kv_bits=4)`, `--kv-cache gear --kv-bits 4`):
 the last `window`+ tokens stay exact, so speculative rollbacks touch only exact data, and passes are cut where

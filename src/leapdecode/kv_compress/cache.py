@@ -13,6 +13,15 @@ changes only at positions window + k * block. One-token decoding sees exactly th
 tokens across such a position is split there by `passes.py` (the CausalLM does it), so speculative decoding on
 this cache gives the tokens plain decoding on this cache gives.
 
+A prompt fed alone into the empty cache (`CausalLM.forward(..., prompt=True)`, every method's first pass) is the
+exception: all its queries see exact keys, as GEAR's prefill does; the next pass compresses its blocks, all in one
+call. Every method feeds the prompt that way, so the rule above holds for every later position.
+
+Reads: on the exact runtime the model's attention reads the blocks itself (`in_attention`): `update` hands it
+only the exact part and leaves the layer in `runtime.attention.BLOCK_READS`, and the C++ kernel decodes each
+head's blocks into its scratch rows with decompression's float32 operations (the same bits as decompressing
+first). Otherwise `update` decompresses the blocks into the tensors it returns, every pass.
+
 Storage: compressed blocks for [0, C_stored) and an exact buffer for [E, length) with E <= C_stored: a block
 compressed while a pass was split keeps its exact copy until the next pass starts (the pass may still be rolled
 back to before the position where the view changed). Rollback (`crop_to`, `keep`) works inside the exact

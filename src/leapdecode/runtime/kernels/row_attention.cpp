@@ -266,8 +266,15 @@ struct Scratch {
 
 // Rows [r0, r1) of batch b against key/value head h: every query of those rows (rows x group), sharing the
 // walk over the keys every row sees first (the longest common prefix 0, 1, 2, ...).
-template <int64_t DC, int64_t VC>
-void attend(const Call& c, int64_t b, int64_t h, int64_t r0, int64_t r1, Scratch& w) {
+struct NoStep {
+  void operator()() const {}
+};
+
+// `before_values` runs between the scores and the outputs (block_attention decodes the values there, into the
+// rows the keys were decoded into).
+template <int64_t DC, int64_t VC, typename BeforeValues = NoStep>
+void attend(const Call& c, int64_t b, int64_t h, int64_t r0, int64_t r1, Scratch& w,
+            BeforeValues before_values = NoStep()) {
   const float* kbase = c.k + b * c.ks.batch + h * c.ks.head;
   const float* vbase = c.v + b * c.vs.batch + h * c.vs.head;
   int64_t prefix = -1, size = 0;
@@ -317,6 +324,7 @@ void attend(const Call& c, int64_t b, int64_t h, int64_t r0, int64_t r1, Scratch
     for (int64_t j = qs[i].n; j < padded; ++j) qs[i].scores[j] = -std::numeric_limits<float>::infinity();
     softmax(qs[i]);
   }
+  before_values();
   weigh_values<VC>(c, vbase, qs, nq, prefix, w.zeros.data());
 }
 
@@ -569,31 +577,34 @@ at::Tensor block_attention(const at::Tensor& query, const at::Tensor& exact_key,
   const int64_t items = batch * kv_heads;
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     Scratch w;
-    // the decoded rows, kept from call to call (a fresh 1-2 MB buffer per call costs page faults)
-    thread_local std::vector<float> k, v, sz;
-    if (k.size() < static_cast<size_t>(length * dim)) k.resize(length * dim);
-    if (v.size() < static_cast<size_t>(length * vdim)) v.resize(length * vdim);
+    // the decoded rows, kept from call to call (a fresh 1-2 MB buffer per call costs page faults): the keys,
+    // then, once the scores are taken, the values in the same rows (half the memory: it stays in cache)
+    thread_local std::vector<float> rows, sz;
+    const size_t need = static_cast<size_t>(length * std::max(dim, vdim));
+    if (rows.size() < need) rows.resize(need);
     if (sz.size() < static_cast<size_t>(2 * std::max(keys.groups, values.groups)))
       sz.resize(2 * std::max(keys.groups, values.groups));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / kv_heads, h = item % kv_heads;
-      for (int64_t n = 0; n < n_blocks; ++n) {
-        decode_block(keys, b, h, n, block, dim, factors, k.data() + n * block * dim, sz.data());
-        decode_block(values, b, h, n, block, vdim, factors, v.data() + n * block * vdim, sz.data());
-      }
-      for (int64_t j = 0; j < exact; ++j) {
-        std::memcpy(k.data() + (view + j) * dim, ek + b * eks.batch + h * eks.head + j * eks.seq, sizeof(float) * dim);
-        std::memcpy(v.data() + (view + j) * vdim, ev + b * evs.batch + h * evs.head + j * evs.seq,
-                    sizeof(float) * vdim);
-      }
+      for (int64_t n = 0; n < n_blocks; ++n)
+        decode_block(keys, b, h, n, block, dim, factors, rows.data() + n * block * dim, sz.data());
+      for (int64_t j = 0; j < exact; ++j)
+        std::memcpy(rows.data() + (view + j) * dim, ek + b * eks.batch + h * eks.head + j * eks.seq,
+                    sizeof(float) * dim);
+      auto decode_values = [&]() {
+        for (int64_t n = 0; n < n_blocks; ++n)
+          decode_block(values, b, h, n, block, vdim, factors, rows.data() + n * block * vdim, sz.data());
+        for (int64_t j = 0; j < exact; ++j)
+          std::memcpy(rows.data() + (view + j) * vdim, ev + b * evs.batch + h * evs.head + j * evs.seq,
+                      sizeof(float) * vdim);
+      };
       Call own = c;
-      own.k = k.data();
-      own.v = v.data();
+      own.k = own.v = rows.data();
       const int64_t shape = dim == vdim && dim % kLanes == 0 ? vc : 0;
       switch (shape) {
-        case 4: attend<4, 4>(own, b, h, 0, queries, w); break;
-        case 8: attend<8, 8>(own, b, h, 0, queries, w); break;
-        default: attend<0, 0>(own, b, h, 0, queries, w);
+        case 4: attend<4, 4>(own, b, h, 0, queries, w, decode_values); break;
+        case 8: attend<8, 8>(own, b, h, 0, queries, w, decode_values); break;
+        default: attend<0, 0>(own, b, h, 0, queries, w, decode_values);
       }
     }
   });
