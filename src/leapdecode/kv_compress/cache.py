@@ -63,6 +63,7 @@ class CompressedLayer(DynamicLayer):
         super().__init__()
         self.layer_index = layer_index  # the model layer it serves (attention checks it takes its own read)
         self.hidden = 0  # positions the last deferred read left to `attend` (in the blocks)
+        self._kernel_args: tuple | None = None  # `attend`'s block tensors and layouts, kept until blocks change
         self.key_codec, self.value_codec = key_codec, value_codec
         self.window, self.block, self._view = window, block, view
         self.window_dtype = window_dtype  # how a float32 model's recent tokens are stored (None: as computed)
@@ -122,6 +123,7 @@ class CompressedLayer(DynamicLayer):
         vb = self.value_codec.compress_blocks(self.values[..., start:stop, :], self.block)
         self.key_blocks = kb if self.key_blocks is None else self.key_blocks.cat(kb)
         self.value_blocks = vb if self.value_blocks is None else self.value_blocks.cat(vb)
+        self._kernel_args = None
 
     def _trim_to(self, length: int) -> None:
         """Drop the exact copy of positions before `length` (they are compressed)."""
@@ -175,10 +177,13 @@ class CompressedLayer(DynamicLayer):
         """Attention for the pass whose `update` just ran: positions [0, hidden) from the blocks, decoded inside
         the C++ kernel, the rest from `key`/`value` (runtime/attention.py's `BlockReader`). The same bits as
         decompressing first and running the row-invariant attention on the result."""
-        return native.kernels().block_attention(
-            query, key, value, self.hidden, self.block, _block_tensors(self.key_blocks),
-            _block_tensors(self.value_blocks), self.key_codec.layout(), self.value_codec.layout(), SCALE_TABLE,
-            lists.start, lists.stop, lists.col_ptr, lists.columns, scaling)
+        if self._kernel_args is None:  # the blocks as the kernel takes them, until more are compressed
+            self._kernel_args = (_block_tensors(self.key_blocks), _block_tensors(self.value_blocks),
+                                 self.key_codec.layout(), self.value_codec.layout())
+        keys, values, key_layout, value_layout = self._kernel_args
+        return native.kernels().block_attention(query, key, value, self.hidden, self.block, keys, values, key_layout,
+                                                value_layout, SCALE_TABLE, lists.start, lists.stop, lists.col_ptr,
+                                                lists.columns, scaling)
 
     # ----- rollback ------------------------------------------------------------------------------------------
     def _check(self, length: int, what: str) -> None:
@@ -214,6 +219,7 @@ class CompressedLayer(DynamicLayer):
         self.keys = self.values = None
         self.is_initialized = False
         self.key_blocks = self.value_blocks = None
+        self._kernel_args = None
         self.exact_start = 0
 
     def batch_repeat_interleave(self, repeats: int) -> None:
