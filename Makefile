@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
-.PHONY: demo test test-fast bench bench-qwen models peers peers-rebuild setup clean
+.PHONY: demo test test-fast bench bench-qwen models peers peers-rebuild peers-quanto setup clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -66,6 +66,14 @@ peers-rebuild: $(STAMP)
 		--force-reinstall --no-deps "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	$(BIN)/python -m pip install -q "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	$(BIN)/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+
+# transformers' QuantizedCache backend for `leapdecode perplexity --kv-cache hf-quanto`, the KV-compression peer.
+# Its other dependencies (torch, numpy, safetensors, huggingface_hub) are installed already; --no-deps keeps pip
+# from touching torch.
+QUANTO_VERSION ?= 0.2.7
+peers-quanto: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps "optimum-quanto==$(QUANTO_VERSION)" ninja
+	$(BIN)/python -c "import optimum.quanto as q; print('optimum-quanto', q.__version__)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
