@@ -144,8 +144,8 @@ def make_cache(settings: KVSettings | None = None, config=None, in_attention: bo
             return QuantizedCache("quanto", config, nbits=settings.bits, q_group_size=settings.group,
                                   residual_length=settings.window)
         except ImportError as err:
-            raise InvalidSettingError(f"kv_cache=hf-quanto needs optimum-quanto (make peers-quanto, or pip install optimum-quanto): "
-                                      f"{err}") from None
+            raise InvalidSettingError(f"kv_cache=hf-quanto needs optimum-quanto (make peers-quanto, or pip install "
+                                      f"optimum-quanto): {err}") from None
     return CompressedCache(settings.kind, settings.bits, settings.rank, settings.outliers, settings.window,
                            settings.block, settings.group, settings.scale_bits, WINDOW_DTYPES[settings.window_dtype],
                            in_attention)

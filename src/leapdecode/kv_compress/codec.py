@@ -24,6 +24,7 @@ GEAR (Kang et al., 2024) on a block X:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -36,6 +37,12 @@ _SCALE_STEPS = 16  # 8-bit scales: s_max * 2^(-c/16), c in 0..255 (a range of 2^
 # 2^(-c/16) for every code, as float32: a step is s_max * SCALE_TABLE[c], one rounding, the same in torch and in
 # the C++ attention over blocks (runtime/kernels/row_attention.cpp), which takes this table
 SCALE_TABLE = torch.tensor([2.0 ** (-c / _SCALE_STEPS) for c in range(256)], dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _power_start(d: int, r: int) -> Tensor:
+    """The fixed (d, r) start of the subspace iteration (made once per shape)."""
+    return torch.randn(d, r, generator=torch.Generator().manual_seed(0))
 
 
 @dataclass
@@ -268,8 +275,7 @@ class BlockCodec:
         t, d = residual.shape[-2:]
         r = min(self.rank, t, d)
         gram = residual.transpose(-1, -2) @ residual  # (..., d, d)
-        start = torch.Generator().manual_seed(0)
-        v = torch.randn(d, r, generator=start).to(residual).expand(*gram.shape[:-2], d, r)
+        v = _power_start(d, r).to(residual).expand(*gram.shape[:-2], d, r)
         for _ in range(_POWER_STEPS):
             v, _ = torch.linalg.qr(gram @ v)
         return residual @ v, v.transpose(-1, -2)
