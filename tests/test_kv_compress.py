@@ -131,6 +131,24 @@ def test_crop_into_compressed_blocks_raises():
     assert cache.get_seq_length() == 30
 
 
+def test_sink_rows_stay_exact_and_out_of_the_first_blocks_groups():
+    """The first token (the attention sink, unlike the others) is read back exactly, and its values do not
+    widen the key groups of the rest of its block."""
+    (k, v), = _chunks(0, [40])
+    k[:, :, 0] = 40.0 * torch.sign(k[:, :, 0])  # a first token far outside the others' range
+    errors = {}
+    for sink in (0, 1):
+        cache = CompressedCache("quant", 4, window=16, block=8, sink=sink)
+        keys, values = _feed(cache, [(k, v), (k[:, :, :1], v[:, :, :1])])
+        assert cache.layers[0].compressed_length == 24
+        errors[sink] = (keys[:, :, 1:8] - k[:, :, 1:8]).abs().max().item()
+        if sink:
+            assert torch.equal(keys[:, :, :1], k[:, :, :1].half().float())
+            assert torch.equal(values[:, :, :1], v[:, :, :1].half().float())
+            assert cache.layers[0].sinks[0].shape == (1, 2, 1, 16)
+    assert errors[1] < errors[0] / 10
+
+
 def test_view_depends_on_position_only():
     """A query at position p sees compressed blocks up to C(p), however the tokens were fed."""
     cache = CompressedCache("quant", 4, window=16, block=8)
@@ -150,6 +168,10 @@ def test_settings_are_validated():
     settings = take_settings(options)
     assert settings.kind == "gear" and settings.bits == 2 and options == {"num_draft_tokens": 3}
     assert take_settings({"kv_cache": "none"}) is None
+    for sink in (-1, 64, 1.5):
+        with pytest.raises(InvalidSettingError, match="kv_sink"):
+            KVSettings(kind="gear", sink=sink)
+    assert KVSettings(kind="gear", sink=0, block=8).sink == 0
 
 
 def random_prompts(seed: int, n: int = 4, vocab: int = 64) -> list[list[int]]:
@@ -223,7 +245,7 @@ def test_kv_bytes_counts_real_tensors():
     assert kv_bytes(plain.lm.cache) >= used  # the plain cache may hold spare room
     cache = comp.lm.cache
     assert kv_bytes(cache) == sum(sum(t.nbytes for t in [layer.keys, layer.values] + layer.key_blocks.tensors()
-                                      + layer.value_blocks.tensors()) for layer in cache.layers)
+                                      + layer.value_blocks.tensors() + list(layer.sinks)) for layer in cache.layers)
     assert kv_bytes(cache) < 0.5 * used
 
 
@@ -322,11 +344,13 @@ def _native():
 @settings(max_examples=25, deadline=None)
 @given(bits=st.sampled_from([2, 4, 8]), rank=st.integers(0, 2), outliers=st.sampled_from([0.0, 0.01, 0.05]),
        scale_bits=st.sampled_from([8, 16]), blocks=st.integers(1, 3), exact=st.integers(1, 9),
-       queries=st.integers(1, 5), dim=st.sampled_from([16, 24, 64]), tree=st.booleans(), seed=st.integers(0, 99))
+       queries=st.integers(1, 5), dim=st.sampled_from([16, 24, 64]), tree=st.booleans(), sink=st.integers(0, 2),
+       seed=st.integers(0, 99))
 def test_attention_over_blocks_equals_attention_over_decompressed_blocks(bits, rank, outliers, scale_bits, blocks,
-                                                                         exact, queries, dim, tree, seed):
-    """The kernel decodes the blocks with decompress's float32 operations, so its output is bit for bit the
-    row-invariant attention's on the decompressed keys and values, for chains and tree masks alike."""
+                                                                         exact, queries, dim, tree, sink, seed):
+    """The kernel decodes the blocks with decompress's float32 operations (and writes exact sink rows over the
+    first block), so its output is bit for bit the row-invariant attention's on the decompressed keys and values,
+    for chains and tree masks alike."""
     from leapdecode.kv_compress.cache import _block_tensors
     from leapdecode.kv_compress.codec import SCALE_TABLE
     from leapdecode.runtime.attention import key_lists
@@ -340,9 +364,13 @@ def test_attention_over_blocks_equals_attention_over_decompressed_blocks(bits, r
     old = [torch.randn(1, heads, blocks * block, dim, generator=g) * 3 for _ in range(2)]
     stored = [codec.compress_blocks(x, block) for codec, x in zip(codecs, old)]
     near = [torch.randn(1, heads, exact, dim, generator=g) for _ in range(2)]
+    sinks = [torch.randn(1, heads, sink, dim, generator=g).half() if sink else None for _ in range(2)]
     view = blocks * block
-    full = [torch.cat([codec.decompress(b, block, dim, torch.float32), e], dim=2)
-            for codec, b, e in zip(codecs, stored, near)]
+    old = [codec.decompress(b, block, dim, torch.float32) for codec, b in zip(codecs, stored)]
+    for x, rows in zip(old, sinks):
+        if rows is not None:
+            x[:, :, :sink] = rows.float()
+    full = [torch.cat([x, e], dim=2) for x, e in zip(old, near)]
     length = view + exact
     mask = None
     if tree:  # each query sees the past and a random subset of the other new positions before it, itself
@@ -353,9 +381,9 @@ def test_attention_over_blocks_equals_attention_over_decompressed_blocks(bits, r
     lists = key_lists(mask, 1, queries, length)
     query = torch.randn(1, heads * group, queries, dim, generator=g)
     ref = kernels.row_attention(query, full[0], full[1], lists.start, lists.stop, lists.col_ptr, lists.columns, 0.3)
-    got = kernels.block_attention(query, near[0], near[1], view, block, _block_tensors(stored[0]),
-                                  _block_tensors(stored[1]), codecs[0].layout(), codecs[1].layout(), SCALE_TABLE,
-                                  lists.start, lists.stop, lists.col_ptr, lists.columns, 0.3)
+    got = kernels.block_attention(query, near[0], near[1], view, block, _block_tensors(stored[0], sinks[0]),
+                                  _block_tensors(stored[1], sinks[1]), codecs[0].layout(), codecs[1].layout(),
+                                  SCALE_TABLE, lists.start, lists.stop, lists.col_ptr, lists.columns, 0.3)
     assert torch.equal(got, ref)
 
 

@@ -49,12 +49,15 @@ def test_compressed_cache_changes_perplexity_little_at_8_bits_and_chunking_does_
 def test_agreement_counts_equal_tokens():
     target = tiny_loaded("qwen2", scale=6.0)
     ids = _ids(40)
-    ref, same, prefix = agreement(target, ids, None, None, 12)
-    assert same is None and len(ref) == 12
-    out, same, prefix = agreement(target, ids, KVSettings("gear", 8, window=16, block=8), ref, 12)
-    assert 0.0 <= same <= 1.0 and 0 <= prefix <= 12
-    if out == ref:
-        assert same == 1.0 and prefix == 12
+    plain = agreement(target, ids, None, None, 12)
+    assert plain.agreement is None and len(plain.tokens) == 12
+    ref = plain.tokens
+    got = agreement(target, ids, KVSettings("gear", 8, window=16, block=8), ref, 12)
+    assert 0.0 <= got.agreement <= 1.0 and 0 <= got.same_prefix <= 12
+    if got.tokens == ref:
+        assert got.agreement == 1.0 and got.same_prefix == 12
+    # the bytes each cache held after generating, against a bf16 cache of the text and the generated tokens
+    assert 0 < got.kv_bytes < plain.kv_bytes and got.bf16_bytes == plain.bf16_bytes > 0
 
 
 def test_settings_list_and_table():

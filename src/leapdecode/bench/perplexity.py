@@ -7,7 +7,8 @@ decoding would: on a compressed cache, the older tokens through their compressed
 holds at the end (its real tensors) are reported next to what a bfloat16 cache of the same context takes.
 
 With `--agreement N`, each compressed cache also generates N tokens greedily (`ar`) after the text, and the
-tokens are compared with those of the uncompressed cache.
+tokens are compared with those of the uncompressed cache; the bytes that cache holds after decoding are reported
+too (right after a 64-token pass the exact window holds up to 127 tokens, in one-token decoding 64 to 127).
 
 The built-in text is Python's own documentation topics (`pydoc_data.topics`, the pages `help()` shows: the
 language reference), its topics joined in sorted order: it ships with every Python, needs no download, and is
@@ -47,6 +48,7 @@ class PerplexityResult:
     bf16_bytes: int  # a bfloat16 cache of the same context
     agreement: float | None = None  # generated tokens equal to the uncompressed cache's, position by position
     same_prefix: int | None = None  # generated tokens before the first difference
+    decoded: "Generated | None" = None  # the --agreement run: its cache after generating
 
     @property
     def perplexity(self) -> float:
@@ -80,18 +82,31 @@ def perplexity(target, ids: list[int], settings: KVSettings | None, chunk: int =
     return PerplexityResult(label, len(ids), total / count, kv_bytes(lm.cache), _bf16_bytes(target.model, len(ids)))
 
 
+@dataclass
+class Generated:
+    """Tokens generated greedily after the text, compared with the uncompressed cache's (None for that one)."""
+
+    tokens: list[int]
+    agreement: float | None  # equal tokens, position by position
+    same_prefix: int | None  # tokens before the first difference
+    kv_bytes: int  # bytes the cache held after generating
+    bf16_bytes: int  # a bfloat16 cache of that context (text + generated tokens)
+
+
 def agreement(target, ids: list[int], settings: KVSettings | None, reference: list[int] | None,
-              new_tokens: int) -> tuple[list[int], float | None, int | None]:
+              new_tokens: int) -> Generated:
     """Generate `new_tokens` greedily (ar) after `ids` on the cache of `settings`; compare with `reference`."""
     from leapdecode import Decoder
 
-    out = Decoder(target, "ar", **options_of(settings)).generate(list(ids), max_new_tokens=new_tokens).token_ids
+    decoder = Decoder(target, "ar", **options_of(settings))
+    out = decoder.generate(list(ids), max_new_tokens=new_tokens).token_ids
+    held, bf16 = kv_bytes(decoder.lm.cache), _bf16_bytes(target.model, decoder.lm.length)
     if reference is None:
-        return out, None, None
+        return Generated(out, None, None, held, bf16)
     n = min(len(out), len(reference))
     same = sum(a == b for a, b in zip(out, reference)) / max(1, n)
     prefix = next((i for i, (a, b) in enumerate(zip(out, reference)) if a != b), n)
-    return out, same, prefix
+    return Generated(out, same, prefix, held, bf16)
 
 
 def settings_list(kinds: str, bits: str, base: KVSettings) -> list[KVSettings | None]:
@@ -140,6 +155,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kv-block", type=int, default=d.block, help=f"tokens compressed together (default {d.block})")
     p.add_argument("--kv-group", type=int, default=None, help="entries per quantization group: a key channel's "
                    "consecutive tokens, a value token's channels (default 16 at 2 bits, else 64)")
+    p.add_argument("--kv-sink", type=int, default=d.sink, help=f"first tokens kept exact, the attention sink "
+                   f"(default {d.sink})")
     p.add_argument("--kv-scale-bits", type=int, default=d.scale_bits, choices=(8, 16),
                    help=f"scale and zero point per group: 8 (a byte each, double quantization) or 16 (float16) "
                    f"(default {d.scale_bits})")
@@ -163,7 +180,8 @@ def _read_text(spec: str) -> tuple[str, str]:
 
 def format_table(results: list[PerplexityResult]) -> str:
     base = next((r for r in results if r.kv == "none"), None)
-    header = ["kv cache", "perplexity", "vs none", "KV bytes", "vs bf16", "agreement", "same prefix"]
+    header = ["kv cache", "perplexity", "vs none", "KV bytes", "vs bf16", "agreement", "same prefix",
+              "vs bf16 after"]
     lines = [header]
     for r in results:
         lines.append([
@@ -172,6 +190,7 @@ def format_table(results: list[PerplexityResult]) -> str:
             f"{r.kv_bytes / 2**20:.2f} MiB", f"{100 * r.kv_bytes / r.bf16_bytes:.1f}%",
             "-" if r.agreement is None else f"{r.agreement:.3f}",
             "-" if r.same_prefix is None else str(r.same_prefix),
+            "-" if r.decoded is None else f"{100 * r.decoded.kv_bytes / r.decoded.bf16_bytes:.1f}%",
         ])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     out = []
@@ -187,7 +206,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from leapdecode.loading import resolve_device
 
     base = KVSettings(rank=args.kv_rank, outliers=args.kv_outliers, window=args.kv_window, block=args.kv_block,
-                      group=args.kv_group, scale_bits=args.kv_scale_bits)
+                      group=args.kv_group, scale_bits=args.kv_scale_bits, sink=args.kv_sink)
     runs = settings_list(args.kv_cache, args.kv_bits, base)
     if args.max_tokens < 2 or args.chunk < 1:
         raise InvalidSettingError("--max-tokens must be at least 2 and --chunk at least 1")
@@ -204,12 +223,17 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             if settings is not None and settings.kind == "hf-quanto":
                 pass  # decoding needs rollback, which transformers' QuantizedCache lacks
             else:
-                tokens, same, prefix = agreement(target, ids, settings, reference, args.agreement)
+                result.decoded = agreement(target, ids, settings, reference, args.agreement)
                 if settings is None:
-                    reference = tokens
-                result.agreement, result.same_prefix = same, prefix
+                    reference = result.decoded.tokens
+                result.agreement, result.same_prefix = result.decoded.agreement, result.decoded.same_prefix
         results.append(result)
-        extra = "" if result.agreement is None else f", agreement {result.agreement:.3f} (same prefix {result.same_prefix})"
+        extra = ""
+        if result.agreement is not None:
+            extra = f", agreement {result.agreement:.3f} (same prefix {result.same_prefix})"
+        if result.decoded is not None:
+            extra += (f", {100 * result.decoded.kv_bytes / result.decoded.bf16_bytes:.1f}% of bf16 after "
+                      f"{args.agreement} generated tokens")
         print(f"  {result.kv}: perplexity {result.perplexity:.3f}, KV bytes {result.kv_bytes} "
               f"({100 * result.kv_bytes / result.bf16_bytes:.1f}% of bf16){extra}", file=sys.stderr)
     runtime = getattr(target, "runtime", None)

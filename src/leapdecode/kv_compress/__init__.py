@@ -6,7 +6,8 @@
   quantization error per head (power iteration, as the paper computes it), plus a fraction `outliers` of the
   entries kept apart in float16.
 
-The window of recent tokens is not quantized (a float32 model's is stored in float16, `window_dtype`); a prompt
+The window of recent tokens is not quantized (a float32 model's is stored in float16, `window_dtype`), nor are
+the first `sink` tokens (the attention sink: most heads put much of their weight there); a prompt
 fed alone is computed exactly and compressed afterwards; on the exact runtime the attention kernel reads the
 blocks itself instead of a decompressed copy (cache.py).
 
@@ -38,7 +39,7 @@ KINDS = ENGINE_KINDS + ("hf-quanto",)  # hf-quanto: perplexity only
 # option names, as Decoder keywords / method options (kv_cache=..., kv_bits=...)
 OPTIONS = {"kv_cache": "kind", "kv_bits": "bits", "kv_rank": "rank", "kv_outliers": "outliers",
            "kv_window": "window", "kv_block": "block", "kv_group": "group", "kv_scale_bits": "scale_bits",
-           "kv_window_dtype": "window_dtype"}
+           "kv_window_dtype": "window_dtype", "kv_sink": "sink"}
 WINDOW_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "model": None}
 
 
@@ -53,7 +54,8 @@ class KVSettings:
     """What KV cache a model runs on. `window`: tokens always seen exactly (at least the longest draft);
     `block`: tokens compressed together; `group`: value channels per quantization group; `scale_bits`: 8 (scale
     and zero point as one byte each, relative to float16 figures per head and block) or 16 (float16);
-    `window_dtype`: how a float32 model's window is stored (float16, bfloat16, or model: float32)."""
+    `window_dtype`: how a float32 model's window is stored (float16, bfloat16, or model: float32); `sink`: the
+    first tokens kept exact (stored as the window is) and left out of the first block's quantization groups."""
 
     kind: str = "none"
     bits: int = 4
@@ -64,6 +66,7 @@ class KVSettings:
     group: int | None = None
     scale_bits: int = 8
     window_dtype: str = "float16"
+    sink: int = 1
 
     def __post_init__(self) -> None:
         defaulted = [n for n in ("rank", "outliers", "group") if getattr(self, n) is None]
@@ -87,6 +90,9 @@ class KVSettings:
         if self.window_dtype not in WINDOW_DTYPES:
             raise InvalidSettingError(f"kv_window_dtype must be one of {', '.join(WINDOW_DTYPES)}, "
                                       f"got {self.window_dtype!r}")
+        if not isinstance(self.sink, int) or not 0 <= self.sink < self.block:
+            raise InvalidSettingError(f"kv_sink must be an integer from 0 to kv_block - 1 ({self.block - 1}), "
+                                      f"got {self.sink!r}")
         if self.block % (8 // self.bits):
             raise InvalidSettingError(f"kv_block must be a multiple of {8 // self.bits} at {self.bits} bits")
 
@@ -101,12 +107,14 @@ class KVSettings:
 
     @property
     def label(self) -> str:
-        """A short name for tables: none, quant-4, gear-4 (r2, s0.01), ..."""
+        """A short name for tables: none, quant-4 (g64, sink1), gear-4 (g64, r0, s0.005, sink1), ..."""
         if self.kind == "none":
             return "none"
         if self.kind == "gear":
-            return f"gear-{self.bits} (g{self.group}, r{self.rank}, s{self.outliers:g})"
-        return f"{self.kind}-{self.bits} (g{self.group})"
+            return f"gear-{self.bits} (g{self.group}, r{self.rank}, s{self.outliers:g}, sink{self.sink})"
+        if self.kind == "hf-quanto":
+            return f"hf-quanto-{self.bits} (g{self.group})"
+        return f"{self.kind}-{self.bits} (g{self.group}, sink{self.sink})"
 
 
 def take_settings(options: dict) -> KVSettings | None:
@@ -148,7 +156,7 @@ def make_cache(settings: KVSettings | None = None, config=None, in_attention: bo
                                       f"optimum-quanto): {err}") from None
     return CompressedCache(settings.kind, settings.bits, settings.rank, settings.outliers, settings.window,
                            settings.block, settings.group, settings.scale_bits, WINDOW_DTYPES[settings.window_dtype],
-                           in_attention)
+                           in_attention, settings.sink)
 
 
 def make_cache_factory(settings: KVSettings | None, model=None):
@@ -197,7 +205,7 @@ def settings_from_args(args) -> KVSettings | None:
     """KVSettings from the --kv-* command-line arguments (see `add_arguments`); None for --kv-cache none."""
     if getattr(args, "kv_cache", "none") in (None, "none"):
         return None
-    changes = {k: getattr(args, f"kv_{k}") for k in ("rank", "outliers", "window", "block", "group")
+    changes = {k: getattr(args, f"kv_{k}") for k in ("rank", "outliers", "window", "block", "group", "sink")
                if getattr(args, f"kv_{k}", None) is not None}
     return KVSettings(kind=args.kv_cache, bits=args.kv_bits, **changes)
 
@@ -215,7 +223,7 @@ def options_of(settings: KVSettings | None) -> dict:
 
 
 def add_arguments(p, kinds=ENGINE_KINDS) -> None:
-    """--kv-cache, --kv-bits, --kv-rank, --kv-outliers, --kv-window, --kv-block, --kv-group."""
+    """--kv-cache, --kv-bits, --kv-rank, --kv-outliers, --kv-window, --kv-block, --kv-group, --kv-sink."""
     d = KVSettings()
     p.add_argument("--kv-cache", default="none", choices=kinds,
                    help="KV-cache compression (lossy): quant = per-group quantization, gear = quantization + "
@@ -232,3 +240,5 @@ def add_arguments(p, kinds=ENGINE_KINDS) -> None:
     p.add_argument("--kv-block", type=int, default=None, help=f"tokens compressed together (default {d.block})")
     p.add_argument("--kv-group", type=int, default=None, help="entries per quantization group: a key channel's "
                    "consecutive tokens, a value token's channels (default 16 at 2 bits, else 64)")
+    p.add_argument("--kv-sink", type=int, default=None, help=f"first tokens kept exact, the attention sink "
+                   f"(default {d.sink})")

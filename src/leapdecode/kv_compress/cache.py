@@ -22,6 +22,11 @@ only the exact part and leaves the layer in `runtime.attention.BLOCK_READS`, and
 head's blocks into its scratch rows with decompression's float32 operations (the same bits as decompressing
 first). Otherwise `update` decompresses the blocks into the tensors it returns, every pass.
 
+The attention sink: the first `sink` tokens (default 1) are kept exact too, as the window is stored. Most heads
+put much of their weight on the first token, whose keys and values are unlike the others'; quantized with its
+block it both loses more than other tokens and widens its block's key groups. It is left out of the first
+block's groups (its rows there are copies of the next token's) and written over the decoded block.
+
 Storage: compressed blocks for [0, C_stored) and an exact buffer for [E, length) with E <= C_stored: a block
 compressed while a pass was split keeps its exact copy until the next pass starts (the pass may still be rolled
 back to before the position where the view changed). Rollback (`crop_to`, `keep`) works inside the exact
@@ -51,15 +56,25 @@ class _View:
         self.in_attention = in_attention
 
 
-def _block_tensors(blocks: Blocks) -> list[torch.Tensor]:
-    return [torch.empty(0) if t is None else t for t in blocks._fields()]
+def _block_tensors(blocks: Blocks, sink: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The blocks as the C++ kernel takes them: their fields (empty where absent), then the exact sink rows in
+    float32 (empty when none)."""
+    rows = torch.empty(0) if sink is None else sink.float().contiguous()
+    return [torch.empty(0) if t is None else t for t in blocks._fields()] + [rows]
+
+
+def _without_sink(x: torch.Tensor, sink: int) -> torch.Tensor:
+    """A first block with its sink rows replaced by copies of the next row (so they do not widen its groups)."""
+    x = x.clone()
+    x[..., :sink, :] = x[..., sink:sink + 1, :]
+    return x
 
 
 class CompressedLayer(DynamicLayer):
     is_croppable = False  # transformers' own crop(): use `crop_to` / `keep`, which check the window
 
     def __init__(self, key_codec: BlockCodec, value_codec: BlockCodec, window: int, block: int, view: _View,
-                 window_dtype: torch.dtype | None = torch.float16, layer_index: int = 0):
+                 window_dtype: torch.dtype | None = torch.float16, layer_index: int = 0, sink: int = 0):
         super().__init__()
         self.layer_index = layer_index  # the model layer it serves (attention checks it takes its own read)
         self.hidden = 0  # positions the last deferred read left to `attend` (in the blocks)
@@ -69,6 +84,8 @@ class CompressedLayer(DynamicLayer):
         self.window_dtype = window_dtype  # how a float32 model's recent tokens are stored (None: as computed)
         self.key_blocks: Blocks | None = None
         self.value_blocks: Blocks | None = None
+        self.sink = sink  # the first positions kept exact (`sinks` once the first block is compressed)
+        self.sinks: tuple[torch.Tensor, torch.Tensor] | None = None
         self.exact_start = 0  # E: the absolute position of keys[..., 0, :]
 
     # ----- sizes -------------------------------------------------------------------------------------------
@@ -91,6 +108,8 @@ class CompressedLayer(DynamicLayer):
         for blocks in (self.key_blocks, self.value_blocks):
             if blocks is not None:
                 total += blocks.nbytes
+        for rows in self.sinks or ():
+            total += rows.numel() * rows.element_size()
         if self.is_initialized:
             total += self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
         return total
@@ -119,8 +138,12 @@ class CompressedLayer(DynamicLayer):
         if start < 0:
             raise KVRollbackError("compressed KV cache: the exact copy of a block to compress is gone")
         stop = start + length - self.compressed_length
-        kb = self.key_codec.compress_blocks(self.keys[..., start:stop, :], self.block)
-        vb = self.value_codec.compress_blocks(self.values[..., start:stop, :], self.block)
+        keys, values = self.keys[..., start:stop, :], self.values[..., start:stop, :]
+        if self.compressed_length == 0 and self.sink:
+            self.sinks = (keys[..., :self.sink, :].clone(), values[..., :self.sink, :].clone())
+            keys, values = _without_sink(keys, self.sink), _without_sink(values, self.sink)
+        kb = self.key_codec.compress_blocks(keys, self.block)
+        vb = self.value_codec.compress_blocks(values, self.block)
         self.key_blocks = kb if self.key_blocks is None else self.key_blocks.cat(kb)
         self.value_blocks = vb if self.value_blocks is None else self.value_blocks.cat(vb)
         self._kernel_args = None
@@ -152,24 +175,28 @@ class CompressedLayer(DynamicLayer):
             self.hidden = view
             attention.BLOCK_READS.put(self.layer_index, self)
             return self.keys[..., skip:, :].to(key_states.dtype), self.values[..., skip:, :].to(value_states.dtype)
-        return (self._read(self.key_codec, self.key_blocks, self.keys[..., skip:, :], view, key_states.dtype),
-                self._read(self.value_codec, self.value_blocks, self.values[..., skip:, :], view,
+        sinks = self.sinks or (None, None)
+        return (self._read(self.key_codec, self.key_blocks, sinks[0], self.keys[..., skip:, :], view,
+                           key_states.dtype),
+                self._read(self.value_codec, self.value_blocks, sinks[1], self.values[..., skip:, :], view,
                            value_states.dtype))
 
-    def _read(self, codec: BlockCodec, blocks: Blocks | None, exact: torch.Tensor, view: int,
-              dtype: torch.dtype) -> torch.Tensor:
+    def _read(self, codec: BlockCodec, blocks: Blocks | None, sink: torch.Tensor | None, exact: torch.Tensor,
+              view: int, dtype: torch.dtype) -> torch.Tensor:
         """What attention sees: the first `view` positions decompressed, then the exact part, in one new tensor
         (the blocks are decompressed straight into it, no concatenation). No gradient flows through a cache."""
         if view == 0:
             return exact.to(dtype)
         with torch.no_grad():
-            return self._read_into(codec, blocks, exact, view, dtype)
+            return self._read_into(codec, blocks, sink, exact, view, dtype)
 
-    def _read_into(self, codec: BlockCodec, blocks: Blocks, exact: torch.Tensor, view: int,
-                   dtype: torch.dtype) -> torch.Tensor:
+    def _read_into(self, codec: BlockCodec, blocks: Blocks, sink: torch.Tensor | None, exact: torch.Tensor,
+                   view: int, dtype: torch.dtype) -> torch.Tensor:
         b, h, _, d = exact.shape
         out = torch.empty(b, h, view + exact.shape[-2], d, dtype=dtype, device=exact.device)
         codec.decompress(blocks, self.block, d, dtype, view // self.block, out=out[..., :view, :])
+        if sink is not None:  # written over the decoded first block, as the kernel does
+            out[..., :sink.shape[-2], :].copy_(sink)
         out[..., view:, :].copy_(exact)
         return out
 
@@ -178,7 +205,8 @@ class CompressedLayer(DynamicLayer):
         the C++ kernel, the rest from `key`/`value` (runtime/attention.py's `BlockReader`). The same bits as
         decompressing first and running the row-invariant attention on the result."""
         if self._kernel_args is None:  # the blocks as the kernel takes them, until more are compressed
-            self._kernel_args = (_block_tensors(self.key_blocks), _block_tensors(self.value_blocks),
+            sinks = self.sinks or (None, None)
+            self._kernel_args = (_block_tensors(self.key_blocks, sinks[0]), _block_tensors(self.value_blocks, sinks[1]),
                                  self.key_codec.layout(), self.value_codec.layout())
         keys, values, key_layout, value_layout = self._kernel_args
         return native.kernels().block_attention(query, key, value, self.hidden, self.block, keys, values, key_layout,
@@ -219,6 +247,7 @@ class CompressedLayer(DynamicLayer):
         self.keys = self.values = None
         self.is_initialized = False
         self.key_blocks = self.value_blocks = None
+        self.sinks = None
         self._kernel_args = None
         self.exact_start = 0
 
@@ -238,30 +267,32 @@ class CompressedCache(Cache):
 
     def __init__(self, kind: str, bits: int, rank: int = 0, outliers: float = 0.0, window: int = 64,
                  block: int = 64, group: int = 64, scale_bits: int = 8,
-                 window_dtype: torch.dtype | None = torch.float16, in_attention: bool = False):
+                 window_dtype: torch.dtype | None = torch.float16, in_attention: bool = False, sink: int = 0):
         if kind not in ("quant", "gear"):
             raise ValueError(f"kind must be quant or gear, got {kind!r}")
         if window < 1 or block < 1:
             raise ValueError("window and block must be positive")
+        if not 0 <= sink < block:
+            raise ValueError("sink must be from 0 to block - 1")
         if kind == "quant":
             rank, outliers = 0, 0.0
         self.kind, self.bits, self.rank, self.outliers = kind, bits, rank, outliers
         self.window, self.block, self.group = window, block, group
-        self.scale_bits, self.window_dtype = scale_bits, window_dtype
+        self.scale_bits, self.window_dtype, self.sink = scale_bits, window_dtype, sink
         self._view = _View(in_attention)
         codecs = [BlockCodec(k, bits, group, rank, outliers, scale_bits) for k in ("key", "value")]
         view = self._view
         made = []
 
         def layer() -> CompressedLayer:  # transformers makes them in layer order
-            made.append(CompressedLayer(codecs[0], codecs[1], window, block, view, window_dtype, len(made)))
+            made.append(CompressedLayer(codecs[0], codecs[1], window, block, view, window_dtype, len(made), sink))
             return made[-1]
 
         super().__init__(layer_class_to_replicate=layer)
 
     def __repr__(self) -> str:
         return (f"CompressedCache({self.kind}, bits={self.bits}, rank={self.rank}, outliers={self.outliers}, "
-                f"window={self.window}, block={self.block})")
+                f"window={self.window}, block={self.block}, sink={self.sink})")
 
     # the CausalLM's operations (kv_cache.py dispatches here)
     def crop_to(self, length: int) -> None:

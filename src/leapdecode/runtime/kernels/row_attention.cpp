@@ -410,14 +410,16 @@ struct BlockSet {
   int64_t outliers = 0;  // per block
   int64_t bits = 4, value_groups = 0, group = 0;  // value_groups: 0 keys (per channel), 1 values (per token)
   int64_t heads = 0, stored = 0;  // blocks stored per (batch, head)
+  const float* sink = nullptr;  // (B, H, sink_rows, dim): exact rows written over the first block's first rows
+  int64_t sink_rows = 0;
 };
 
-// tensors: codes, scale, zero, meta, lr_a, lr_b, out_values, out_index (undefined or empty where absent);
+// tensors: codes, scale, zero, meta, lr_a, lr_b, out_values, out_index, sink (undefined or empty where absent);
 // layout: bits, 0 for keys / 1 for values, group
 BlockSet block_set(const std::vector<at::Tensor>& t, const std::vector<int64_t>& layout, int64_t block, int64_t dim) {
-  TORCH_CHECK(t.size() == 8 && layout.size() == 3, "block_attention: 8 block tensors and 3 layout figures");
+  TORCH_CHECK(t.size() == 9 && layout.size() == 3, "block_attention: 9 block tensors and 3 layout figures");
   auto has = [&](int i) { return t[i].defined() && t[i].numel() > 0; };
-  for (int i = 0; i < 8; ++i) TORCH_CHECK(!has(i) || t[i].is_contiguous(), "block_attention: contiguous blocks");
+  for (int i = 0; i < 9; ++i) TORCH_CHECK(!has(i) || t[i].is_contiguous(), "block_attention: contiguous blocks");
   BlockSet s;
   s.bits = layout[0];
   s.value_groups = layout[1];
@@ -457,6 +459,13 @@ BlockSet block_set(const std::vector<at::Tensor>& t, const std::vector<int64_t>&
       TORCH_CHECK(t[7].scalar_type() == at::kInt, "block_attention: int16 or int32 outlier indices");
       s.out_index32 = t[7].data_ptr<int32_t>();
     }
+  }
+  if (has(8)) {
+    TORCH_CHECK(t[8].scalar_type() == at::kFloat && t[8].dim() == 4 && t[8].size(1) == s.heads &&
+                    t[8].size(0) == t[0].size(0) && t[8].size(3) == dim && t[8].size(2) < block,
+                "block_attention: float32 sink rows (B, H, rows < block, dim)");
+    s.sink = t[8].data_ptr<float>();
+    s.sink_rows = t[8].size(2);
   }
   return s;
 }
@@ -525,6 +534,8 @@ void decode_block(const BlockSet& s, int64_t b, int64_t h, int64_t n, int64_t bl
     const int64_t index = s.out_index16 ? s.out_index16[at * s.outliers + k] : s.out_index32[at * s.outliers + k];
     y[index] = static_cast<float>(s.out_values[at * s.outliers + k]);
   }
+  if (n == 0 && s.sink_rows)  // the exact sink rows, written over the first block last (as the cache does)
+    std::memcpy(y, s.sink + (b * s.heads + h) * s.sink_rows * dim, sizeof(float) * s.sink_rows * dim);
 }
 
 }  // namespace
