@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from leapdecode.bench.perplexity import (PerplexityResult, agreement, builtin_text, format_table, perplexity,
-                                         settings_list)
+from leapdecode.bench.perplexity import (Generated, PerplexityResult, agreement, builtin_text, format_table,
+                                         perplexity, settings_list)
 from leapdecode.cli import build_parser
 from leapdecode.errors import InvalidSettingError
 from leapdecode.kv_compress import KVSettings
@@ -71,6 +71,13 @@ def test_settings_list_and_table():
         settings_list("gear", "3", base)
     table = format_table([PerplexityResult("none", 10, 1.0, 100, 50), PerplexityResult("quant-4", 10, 1.01, 30, 50)])
     assert "+1.01%" in table and "60.0%" in table
+    # agreement over several prompts: means, identical answers, bytes held after the first prompt's decoding
+    runs = [Generated([1, 2], 1.0, 2, 30, 100), Generated([1, 3], 0.5, 1, 31, 100)]
+    result = PerplexityResult("gear-4", 10, 1.0, 30, 50, decoded=runs)
+    assert result.agreement == 0.75 and result.same_prefix == 1.5 and result.identical == 2 - 1
+    assert result.decoded_share == 0.3
+    line = format_table([result]).splitlines()[-1]
+    assert "0.750" in line and "1/2" in line and "30.0%" in line
 
 
 def test_builtin_text_is_long_and_deterministic():
@@ -87,5 +94,7 @@ def test_cli_has_perplexity_and_kv_flags():
     from leapdecode.kv_compress import options_from_args
 
     assert options_from_args(args)["kv_cache"] == "gear" and options_from_args(args)["kv_bits"] == 2
+    args = parser.parse_args(["perplexity", "--agreement", "32", "--agreement-prompts", "4", "--kv-sink", "0"])
+    assert args.agreement_prompts == 4 and args.kv_sink == 0
     args = parser.parse_args(["bench", "--out", "x", "--kv-cache", "quant"])
     assert args.kv_cache == "quant"

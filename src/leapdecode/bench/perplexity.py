@@ -7,8 +7,10 @@ decoding would: on a compressed cache, the older tokens through their compressed
 holds at the end (its real tensors) are reported next to what a bfloat16 cache of the same context takes.
 
 With `--agreement N`, each compressed cache also generates N tokens greedily (`ar`) after the text, and the
-tokens are compared with those of the uncompressed cache; the bytes that cache holds after decoding are reported
-too (right after a 64-token pass the exact window holds up to 127 tokens, in one-token decoding 64 to 127).
+tokens are compared with those of the uncompressed cache; with `--agreement-prompts K`, after each of K
+consecutive slices of the text of `--max-tokens` tokens (the first is the perplexity text). The bytes each cache
+holds after decoding are reported too (right after a 64-token pass the exact window holds up to 127 tokens; in
+one-token decoding 64 to 127).
 
 The built-in text is Python's own documentation topics (`pydoc_data.topics`, the pages `help()` shows: the
 language reference), its topics joined in sorted order: it ships with every Python, needs no download, and is
@@ -19,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,13 +48,34 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood (nats) over tokens[1:]
     kv_bytes: int  # bytes the cache held after the whole text
     bf16_bytes: int  # a bfloat16 cache of the same context
-    agreement: float | None = None  # generated tokens equal to the uncompressed cache's, position by position
-    same_prefix: int | None = None  # generated tokens before the first difference
-    decoded: "Generated | None" = None  # the --agreement run: its cache after generating
+    decoded: list["Generated"] = field(default_factory=list)  # the --agreement runs, one per prompt
 
     @property
     def perplexity(self) -> float:
         return math.exp(self.nll)
+
+    @property
+    def compared(self) -> list["Generated"]:
+        return [g for g in self.decoded if g.agreement is not None]
+
+    @property
+    def agreement(self) -> float | None:
+        """Mean over the prompts of the generated tokens equal to the uncompressed cache's, position by position."""
+        return sum(g.agreement for g in self.compared) / len(self.compared) if self.compared else None
+
+    @property
+    def same_prefix(self) -> float | None:
+        """Mean over the prompts of the tokens generated before the first difference."""
+        return sum(g.same_prefix for g in self.compared) / len(self.compared) if self.compared else None
+
+    @property
+    def identical(self) -> int:
+        return sum(g.agreement == 1.0 for g in self.compared)
+
+    @property
+    def decoded_share(self) -> float | None:
+        """Bytes held after generating (the first prompt), against a bfloat16 cache of that context."""
+        return self.decoded[0].kv_bytes / self.decoded[0].bf16_bytes if self.decoded else None
 
 
 def _bf16_bytes(model, tokens: int) -> int:
@@ -163,6 +186,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--agreement", type=int, default=0, metavar="N",
                    help="also generate N tokens greedily after the text and compare them with the uncompressed "
                    "cache's (default 0: no)")
+    p.add_argument("--agreement-prompts", type=int, default=1, metavar="K",
+                   help="with --agreement: generate after each of K consecutive slices of the text of --max-tokens "
+                   "tokens (default 1: the perplexity text)")
     p.set_defaults(func=cmd_perplexity)
     return p
 
@@ -180,7 +206,7 @@ def _read_text(spec: str) -> tuple[str, str]:
 
 def format_table(results: list[PerplexityResult]) -> str:
     base = next((r for r in results if r.kv == "none"), None)
-    header = ["kv cache", "perplexity", "vs none", "KV bytes", "vs bf16", "agreement", "same prefix",
+    header = ["kv cache", "perplexity", "vs none", "KV bytes", "vs bf16", "agreement", "same prefix", "identical",
               "vs bf16 after"]
     lines = [header]
     for r in results:
@@ -189,8 +215,9 @@ def format_table(results: list[PerplexityResult]) -> str:
             f"{100 * (r.perplexity / base.perplexity - 1):+.2f}%" if base is not None else "-",
             f"{r.kv_bytes / 2**20:.2f} MiB", f"{100 * r.kv_bytes / r.bf16_bytes:.1f}%",
             "-" if r.agreement is None else f"{r.agreement:.3f}",
-            "-" if r.same_prefix is None else str(r.same_prefix),
-            "-" if r.decoded is None else f"{100 * r.decoded.kv_bytes / r.decoded.bf16_bytes:.1f}%",
+            "-" if r.same_prefix is None else f"{r.same_prefix:.1f}",
+            "-" if r.agreement is None else f"{r.identical}/{len(r.compared)}",
+            "-" if r.decoded_share is None else f"{100 * r.decoded_share:.1f}%",
         ])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     out = []
@@ -213,27 +240,31 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     source, text = _read_text(args.text)
     load_kwargs = {"device": resolve_device(args.device), "weights": args.weights}
     target = load(args.model, **load_kwargs)
-    ids = target.tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens]
+    if args.agreement < 0 or args.agreement_prompts < 1:
+        raise InvalidSettingError("--agreement must be at least 0 and --agreement-prompts at least 1")
+    every = target.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = every[: args.max_tokens]
+    prompts = [every[i * len(ids):(i + 1) * len(ids)] for i in range(args.agreement_prompts)] if args.agreement else []
+    if prompts and len(prompts[-1]) < len(ids):
+        raise InvalidSettingError(f"the text holds {len(every)} tokens: fewer than {args.agreement_prompts} prompts "
+                                  f"of {len(ids)}")
     print(f"perplexity of {target.name} over {len(ids)} tokens of {source}, fed {args.chunk} at a time",
           file=sys.stderr)
-    results, reference = [], None
+    results, references = [], [None] * len(prompts)
     for settings in runs:
         result = perplexity(target, ids, settings, args.chunk)
-        if args.agreement > 0:
-            if settings is not None and settings.kind == "hf-quanto":
-                pass  # decoding needs rollback, which transformers' QuantizedCache lacks
-            else:
-                result.decoded = agreement(target, ids, settings, reference, args.agreement)
+        if settings is None or settings.kind != "hf-quanto":  # (decoding needs rollback, QuantizedCache lacks it)
+            for n, prompt in enumerate(prompts):
+                result.decoded.append(agreement(target, prompt, settings, references[n], args.agreement))
                 if settings is None:
-                    reference = result.decoded.tokens
-                result.agreement, result.same_prefix = result.decoded.agreement, result.decoded.same_prefix
+                    references[n] = result.decoded[-1].tokens
         results.append(result)
         extra = ""
         if result.agreement is not None:
-            extra = f", agreement {result.agreement:.3f} (same prefix {result.same_prefix})"
-        if result.decoded is not None:
-            extra += (f", {100 * result.decoded.kv_bytes / result.decoded.bf16_bytes:.1f}% of bf16 after "
-                      f"{args.agreement} generated tokens")
+            extra = (f", agreement {result.agreement:.3f} (same prefix {result.same_prefix:.1f}, identical "
+                     f"{result.identical}/{len(result.compared)})")
+        if result.decoded:
+            extra += f", {100 * result.decoded_share:.1f}% of bf16 after {args.agreement} generated tokens"
         print(f"  {result.kv}: perplexity {result.perplexity:.3f}, KV bytes {result.kv_bytes} "
               f"({100 * result.kv_bytes / result.bf16_bytes:.1f}% of bf16){extra}", file=sys.stderr)
     runtime = getattr(target, "runtime", None)
