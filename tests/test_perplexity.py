@@ -74,7 +74,7 @@ def test_settings_list_and_table():
     # agreement over several prompts: means, identical answers, bytes held after the first prompt's decoding
     runs = [Generated([1, 2], 1.0, 2, 30, 100), Generated([1, 3], 0.5, 1, 31, 100)]
     result = PerplexityResult("gear-4", 10, 1.0, 30, 50, decoded=runs)
-    assert result.agreement == 0.75 and result.same_prefix == 1.5 and result.identical == 2 - 1
+    assert result.agreement == 0.75 and result.same_prefix == 1.5 and result.identical == 1
     assert result.decoded_share == 0.3
     line = format_table([result]).splitlines()[-1]
     assert "0.750" in line and "1/2" in line and "30.0%" in line

@@ -70,6 +70,7 @@ class PerplexityResult:
 
     @property
     def identical(self) -> int:
+        """Prompts whose generated tokens all equal the uncompressed cache's."""
         return sum(g.agreement == 1.0 for g in self.compared)
 
     @property
@@ -237,11 +238,11 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     runs = settings_list(args.kv_cache, args.kv_bits, base)
     if args.max_tokens < 2 or args.chunk < 1:
         raise InvalidSettingError("--max-tokens must be at least 2 and --chunk at least 1")
+    if args.agreement < 0 or args.agreement_prompts < 1:
+        raise InvalidSettingError("--agreement must be at least 0 and --agreement-prompts at least 1")
     source, text = _read_text(args.text)
     load_kwargs = {"device": resolve_device(args.device), "weights": args.weights}
     target = load(args.model, **load_kwargs)
-    if args.agreement < 0 or args.agreement_prompts < 1:
-        raise InvalidSettingError("--agreement must be at least 0 and --agreement-prompts at least 1")
     every = target.tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = every[: args.max_tokens]
     prompts = [every[i * len(ids):(i + 1) * len(ids)] for i in range(args.agreement_prompts)] if args.agreement else []
