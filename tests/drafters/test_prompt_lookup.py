@@ -30,3 +30,30 @@ def test_longest_ngram_first_and_none_without_a_match():
 def test_unknown_occurrence_refused():
     with pytest.raises(ValueError, match="occurrence"):
         PromptLookupDrafter(occurrence="latest")
+
+
+def test_longest_context_occurrence():
+    from leapdecode.drafters.prompt_lookup import find_longest_context
+
+    # "3" occurs at 2, 4 and 9; the context "1 2 3" at the end agrees with position 2's for 3 tokens, with
+    # 9's ("8 2 3") for 2 and with 4's ("4 3") for 1: position 2's continuation wins though it is the oldest
+    tokens = np.array([1, 2, 3, 4, 3, 6, 6, 8, 2, 3, 5, 1, 2, 3])
+    draft, n = find_longest_context(tokens, 1, 2)
+    assert n == 3 and draft.tolist() == [4, 3]
+    # ties go to the most recent occurrence with a full continuation
+    draft, n = find_longest_context(np.array([7, 1, 7, 2, 7]), 1, 1)
+    assert n == 1 and draft.tolist() == [2]
+    assert find_longest_context(np.array([1, 2, 3]), 1, 4) is None
+    assert find_longest_context(np.array([5, 3, 9, 4, 3]), 2, 2) is None
+
+
+def test_longest_context_drafts_through_the_drafter():
+    from leapdecode.drafters.base import DraftContext
+    from leapdecode.sampling import SamplingParams
+
+    drafter = PromptLookupDrafter(occurrence="longest", num_draft_tokens=2)
+    drafter.begin([1], SamplingParams())
+    tokens = [1, 2, 3, 4, 3, 6, 6, 8, 2, 3, 5, 1, 2, 3]
+    tree = drafter.propose(DraftContext(tokens=tokens, prompt_length=11, max_tokens=8, params=SamplingParams(),
+                                        generator=None))
+    assert tree.tokens.tolist() == [[4, 3]] and tree.label == 3
