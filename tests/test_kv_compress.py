@@ -423,6 +423,30 @@ def test_a_prompt_pass_stays_exact_and_is_compressed_afterwards():
     assert lm.cache.layers[0].compressed_length == 24  # view of position 40: 8 * ((40 - 16) // 8)
 
 
+def test_a_commit_settles_the_cache_to_its_window_and_changes_no_logits():
+    """A commit (the CausalLM's crop) compresses now what the next pass would compress first: between passes the
+    exact part is the window (window to window + block - 1 tokens), the bytes drop, the logits stay the same."""
+    target = tiny_loaded("llama", scale=6.0)
+    settings = KVSettings("gear", 4, window=16, block=8, window_dtype="model")
+    ids = random_prompts(5)[1][:40] + list(range(3, 40))
+    lazy = CausalLM(target.model, cache_factory=lambda: make_cache(settings))
+    settled = CausalLM(target.model, cache_factory=lambda: make_cache(settings))
+    for lm in (lazy, settled):
+        lm.forward(torch.tensor([ids[:30]]), prompt=True)
+    settled.crop(settled.length)
+    layer = settled.cache.layers[0]
+    assert layer.compressed_length == 8 and layer.exact_start == 8  # view of position 30: 8 * ((30 - 16) // 8)
+    smaller = []
+    for start in range(30, len(ids), 5):  # 5-token passes, each committed in `settled` only
+        chunk = torch.tensor([ids[start:start + 5]])
+        assert torch.equal(lazy.forward(chunk), settled.forward(chunk))
+        settled.crop(settled.length)
+        assert settings.window <= settled.length - layer.exact_start < settings.window + settings.block
+        assert kv_bytes(settled.cache) <= kv_bytes(lazy.cache)
+        smaller.append(kv_bytes(settled.cache) < kv_bytes(lazy.cache))
+    assert any(smaller)  # after a pass that crossed a view change: the lazy cache still holds that block exactly
+
+
 @pytest.mark.parametrize("kind,bits", [("gear", 2), ("gear", 4)])
 def test_lossless_methods_on_the_runtime_with_a_compressed_cache_equal_ar_on_it(arch, kind, bits):
     from conftest import runtime_loaded

@@ -34,9 +34,11 @@ def split_passes():
 
 
 def crop(cache: DynamicCache, length: int) -> None:
-    """Keep the first `length` positions of every layer."""
-    if hasattr(cache, "crop_to"):  # a compressed cache: rollback inside its exact window
-        return cache.crop_to(length)
+    """Keep the first `length` positions of every layer. A commit: a compressed cache then compresses what no
+    later query reads exactly (`settle`)."""
+    if hasattr(cache, "crop_to"):  # a compressed cache: rollback inside its exact window, then settle
+        cache.crop_to(length)
+        return cache.settle()
     for layer in cache.layers:
         if getattr(layer, "keys", None) is not None and layer.keys.numel() and layer.keys.shape[-2] > length:
             layer.keys = layer.keys[..., :length, :]
@@ -47,7 +49,8 @@ def keep(cache: DynamicCache, start: int, positions: torch.Tensor | list[int]) -
     """Compaction: keep positions [0, start) plus `positions` (absolute indices >= start, ascending);
     everything after is dropped. Used to keep a tree's accepted path."""
     if hasattr(cache, "crop_to"):
-        return cache.keep(start, positions)
+        cache.keep(start, positions)
+        return cache.settle()
     index = torch.as_tensor(positions, dtype=torch.long)
     for layer in cache.layers:
         if getattr(layer, "keys", None) is None or not layer.keys.numel():

@@ -98,6 +98,7 @@ def perplexity(target, ids: list[int], settings: KVSettings | None, chunk: int =
         for start in range(0, len(ids), chunk):
             block = torch.tensor([ids[start:start + chunk]], dtype=torch.long)
             logits = lm.forward(block).float()[0]  # (T, V): row i predicts ids[start + i + 1]
+            lm.crop(lm.length)  # commit the pass, as decoding does (a compressed cache settles to its window)
             nxt = torch.tensor(ids[start + 1:start + 1 + block.shape[1]], dtype=torch.long, device=logits.device)
             rows = logits[: nxt.shape[0]]
             total += torch.nn.functional.cross_entropy(rows, nxt, reduction="sum").item()

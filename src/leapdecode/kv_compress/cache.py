@@ -28,8 +28,11 @@ block it both loses more than other tokens and widens its block's key groups. It
 block's groups (its rows there are copies of the next token's) and written over the decoded block.
 
 Storage: compressed blocks for [0, C_stored) and an exact buffer for [E, length) with E <= C_stored: a block
-compressed while a pass was split keeps its exact copy until the next pass starts (the pass may still be rolled
-back to before the position where the view changed). Rollback (`crop_to`, `keep`) works inside the exact
+compressed while a pass was split keeps its exact copy until the pass is committed (it may still be rolled
+back to before the position where the view changed). A commit (the CausalLM's crop or path compaction, through
+kv_cache.py) settles the cache: it
+compresses up to C(length) at once, as the next pass would first, so between passes the exact part is the
+window (window to window + block - 1 tokens). Rollback (`crop_to`, `keep`) works inside the exact
 buffer; reaching into compressed blocks raises `KVRollbackError`. The window must therefore be at least the
 depth of the longest draft (the default 64 is).
 """
@@ -147,6 +150,14 @@ class CompressedLayer(DynamicLayer):
         self.key_blocks = kb if self.key_blocks is None else self.key_blocks.cat(kb)
         self.value_blocks = vb if self.value_blocks is None else self.value_blocks.cat(vb)
         self._kernel_args = None
+
+    def settle(self) -> None:
+        """Compress and drop now what the next pass would compress and drop first (the same call on the same
+        positions, made earlier): the blocks no query from the current length on reads exactly."""
+        if self.is_initialized:
+            view = self.view_length(self.get_seq_length())
+            self._compress_to(view)
+            self._trim_to(view)
 
     def _trim_to(self, length: int) -> None:
         """Drop the exact copy of positions before `length` (they are compressed)."""
@@ -294,7 +305,7 @@ class CompressedCache(Cache):
         return (f"CompressedCache({self.kind}, bits={self.bits}, rank={self.rank}, outliers={self.outliers}, "
                 f"window={self.window}, block={self.block}, sink={self.sink})")
 
-    # the CausalLM's operations (kv_cache.py dispatches here)
+    # the CausalLM's operations (kv_cache.py dispatches here; after a commit it also calls `settle`)
     def crop_to(self, length: int) -> None:
         for layer in self.layers:
             layer.crop_to(length)
@@ -303,6 +314,15 @@ class CompressedCache(Cache):
         index = torch.as_tensor(positions, dtype=torch.long)
         for layer in self.layers:
             layer.keep(start, index)
+
+    def settle(self) -> None:
+        """After a commit (the cache's positions are its indices again; a split tree pass's internal `keep`
+        is not one), between passes: compress the blocks no query from the current length on reads exactly, and drop
+        their exact copies, so the cache holds the window (window to window + block - 1 exact tokens) and not
+        also the blocks the next pass would compress first. Changes when, not what, is compressed."""
+        if self._view.position is None:
+            for layer in self.layers:
+                layer.settle()
 
     @property
     def nbytes(self) -> int:
