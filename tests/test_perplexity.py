@@ -54,8 +54,9 @@ def test_agreement_counts_equal_tokens():
     ref = plain.tokens
     got = agreement(target, ids, KVSettings("gear", 8, window=16, block=8), ref, 12)
     assert 0.0 <= got.agreement <= 1.0 and 0 <= got.same_prefix <= 12
+    assert 0.0 <= got.rouge_l <= 1.0
     if got.tokens == ref:
-        assert got.agreement == 1.0 and got.same_prefix == 12
+        assert got.agreement == 1.0 and got.same_prefix == 12 and got.rouge_l == 1.0
     # the bytes each cache held after generating, against a bf16 cache of the text and the generated tokens
     assert 0 < got.kv_bytes < plain.kv_bytes and got.bf16_bytes == plain.bf16_bytes > 0
 
@@ -72,12 +73,32 @@ def test_settings_list_and_table():
     table = format_table([PerplexityResult("none", 10, 1.0, 100, 50), PerplexityResult("quant-4", 10, 1.01, 30, 50)])
     assert "+1.01%" in table and "60.0%" in table
     # agreement over several prompts: means, identical answers, bytes held after the first prompt's decoding
-    runs = [Generated([1, 2], 1.0, 2, 30, 100), Generated([1, 3], 0.5, 1, 31, 100)]
+    runs = [Generated([1, 2], 1.0, 2, 1.0, 30, 100), Generated([1, 3], 0.5, 1, 0.4, 31, 100)]
     result = PerplexityResult("gear-4", 10, 1.0, 30, 50, decoded=runs)
     assert result.agreement == 0.75 and result.same_prefix == 1.5 and result.identical == 1
-    assert result.decoded_share == 0.3
+    assert result.rouge_l == pytest.approx(0.7) and result.decoded_share == 0.3
     line = format_table([result]).splitlines()[-1]
-    assert "0.750" in line and "1/2" in line and "30.0%" in line
+    assert "0.750" in line and "0.700" in line and "1/2" in line and "30.0%" in line
+
+
+def test_summarize_task_wraps_the_slice_in_a_chat_request():
+    from leapdecode.bench.perplexity import SUMMARIZE, agreement_prompt
+
+    target = tiny_loaded("qwen2", scale=6.0)
+    ids = target.tokenizer("The cache keeps recent tokens exact.", add_special_tokens=False)["input_ids"]
+    assert agreement_prompt(target, ids, "continue") == ids
+    assert not target.tokenizer.chat_template  # the tiny models' tokenizer has none: refused with a clear error
+    with pytest.raises(InvalidSettingError, match="chat template"):
+        agreement_prompt(target, ids, "summarize")
+    target.tokenizer.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}[assistant] "
+    try:
+        got = agreement_prompt(target, ids, "summarize")
+        messages = [{"role": "user", "content": SUMMARIZE + target.tokenizer.decode(ids)}]
+        rendered = target.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    finally:
+        target.tokenizer.chat_template = None
+    assert rendered.startswith("[user] " + SUMMARIZE) and rendered.endswith("[assistant] ")
+    assert got == target.tokenizer(rendered, add_special_tokens=False)["input_ids"] and len(got) > len(ids)
 
 
 def test_builtin_text_is_long_and_deterministic():
@@ -94,7 +115,8 @@ def test_cli_has_perplexity_and_kv_flags():
     from leapdecode.kv_compress import options_from_args
 
     assert options_from_args(args)["kv_cache"] == "gear" and options_from_args(args)["kv_bits"] == 2
-    args = parser.parse_args(["perplexity", "--agreement", "32", "--agreement-prompts", "4", "--kv-sink", "0"])
-    assert args.agreement_prompts == 4 and args.kv_sink == 0
+    args = parser.parse_args(["perplexity", "--agreement", "32", "--agreement-prompts", "4", "--kv-sink", "0",
+                              "--agreement-task", "summarize"])
+    assert args.agreement_prompts == 4 and args.kv_sink == 0 and args.agreement_task == "summarize"
     args = parser.parse_args(["bench", "--out", "x", "--kv-cache", "quant"])
     assert args.kv_cache == "quant"

@@ -7,10 +7,11 @@ decoding would: on a compressed cache, the older tokens through their compressed
 holds at the end (its real tensors) are reported next to what a bfloat16 cache of the same context takes.
 
 With `--agreement N`, each compressed cache also generates N tokens greedily (`ar`) after the text, and the
-tokens are compared with those of the uncompressed cache; with `--agreement-prompts K`, after each of K
-consecutive slices of the text of `--max-tokens` tokens (the first is the perplexity text). The bytes each cache
-holds after decoding are reported too (right after a 64-token pass the exact window holds up to 127 tokens; in
-one-token decoding 64 to 127).
+tokens are compared with those of the uncompressed cache (position by position, and the texts by ROUGE-L); with
+`--agreement-prompts K`, after each of K consecutive slices of the text of `--max-tokens` tokens (the first is
+the perplexity text); with `--agreement-task summarize`, each slice is a chat request to summarize it instead of
+a text to continue (a long-prompt question). The bytes each cache holds after decoding are reported too (each
+pass is committed, so the compressed cache holds its window exactly: 64 to 127 tokens).
 
 The built-in text is Python's own documentation topics (`pydoc_data.topics`, the pages `help()` shows: the
 language reference), its topics joined in sorted order: it ships with every Python, needs no download, and is
@@ -69,6 +70,11 @@ class PerplexityResult:
         return sum(g.same_prefix for g in self.compared) / len(self.compared) if self.compared else None
 
     @property
+    def rouge_l(self) -> float | None:
+        """Mean over the prompts of the generated text's ROUGE-L against the uncompressed cache's."""
+        return sum(g.rouge_l for g in self.compared) / len(self.compared) if self.compared else None
+
+    @property
     def identical(self) -> int:
         """Prompts whose generated tokens all equal the uncompressed cache's."""
         return sum(g.agreement == 1.0 for g in self.compared)
@@ -114,6 +120,7 @@ class Generated:
     tokens: list[int]
     agreement: float | None  # equal tokens, position by position
     same_prefix: int | None  # tokens before the first difference
+    rouge_l: float | None  # ROUGE-L of the decoded text against the uncompressed cache's
     kv_bytes: int  # bytes the cache held after generating
     bf16_bytes: int  # a bfloat16 cache of that context (text + generated tokens)
 
@@ -122,16 +129,36 @@ def agreement(target, ids: list[int], settings: KVSettings | None, reference: li
               new_tokens: int) -> Generated:
     """Generate `new_tokens` greedily (ar) after `ids` on the cache of `settings`; compare with `reference`."""
     from leapdecode import Decoder
+    from leapdecode.bench.quality import rouge_l
 
     decoder = Decoder(target, "ar", **options_of(settings))
     out = decoder.generate(list(ids), max_new_tokens=new_tokens).token_ids
     held, bf16 = kv_bytes(decoder.lm.cache), _bf16_bytes(target.model, decoder.lm.length)
     if reference is None:
-        return Generated(out, None, None, held, bf16)
+        return Generated(out, None, None, None, held, bf16)
     n = min(len(out), len(reference))
     same = sum(a == b for a, b in zip(out, reference)) / max(1, n)
     prefix = next((i for i, (a, b) in enumerate(zip(out, reference)) if a != b), n)
-    return Generated(out, same, prefix, held, bf16)
+    text = target.tokenizer.decode(out, skip_special_tokens=True)
+    return Generated(out, same, prefix, rouge_l(text, target.tokenizer.decode(reference, skip_special_tokens=True)),
+                     held, bf16)
+
+
+TASKS = ("continue", "summarize")
+SUMMARIZE = "Summarize the following text in a few sentences.\n\n"
+
+
+def agreement_prompt(target, ids: list[int], task: str) -> list[int]:
+    """The prompt generated after: the slice itself (`continue`), or a user turn in the model's chat template
+    asking for a summary of the slice's text (`summarize`, a long-prompt question)."""
+    from leapdecode import Decoder
+
+    if task == "continue":
+        return list(ids)
+    if not target.has_chat_template:
+        raise InvalidSettingError(f"--agreement-task summarize needs a chat model; {target.name} has no chat template")
+    messages = [{"role": "user", "content": SUMMARIZE + target.tokenizer.decode(ids)}]
+    return Decoder(target, "ar").encode_prompt(messages)
 
 
 def settings_list(kinds: str, bits: str, base: KVSettings) -> list[KVSettings | None]:
@@ -191,6 +218,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--agreement-prompts", type=int, default=1, metavar="K",
                    help="with --agreement: generate after each of K consecutive slices of the text of --max-tokens "
                    "tokens (default 1: the perplexity text)")
+    p.add_argument("--agreement-task", choices=TASKS, default="continue",
+                   help="with --agreement: continue each slice as it is (default), or answer a chat request to "
+                   "summarize it (a long-prompt question, in the model's chat template)")
     p.set_defaults(func=cmd_perplexity)
     return p
 
@@ -208,8 +238,8 @@ def _read_text(spec: str) -> tuple[str, str]:
 
 def format_table(results: list[PerplexityResult]) -> str:
     base = next((r for r in results if r.kv == "none"), None)
-    header = ["kv cache", "perplexity", "vs none", "KV bytes", "vs bf16", "agreement", "same prefix", "identical",
-              "vs bf16 after"]
+    header = ["kv cache", "perplexity", "vs none", "KV bytes", "vs bf16", "agreement", "same prefix", "ROUGE-L",
+              "identical", "vs bf16 after"]
     lines = [header]
     for r in results:
         lines.append([
@@ -218,6 +248,7 @@ def format_table(results: list[PerplexityResult]) -> str:
             f"{r.kv_bytes / 2**20:.2f} MiB", f"{100 * r.kv_bytes / r.bf16_bytes:.1f}%",
             "-" if r.agreement is None else f"{r.agreement:.3f}",
             "-" if r.same_prefix is None else f"{r.same_prefix:.1f}",
+            "-" if r.rouge_l is None else f"{r.rouge_l:.3f}",
             "-" if r.agreement is None else f"{r.identical}/{len(r.compared)}",
             "-" if r.decoded_share is None else f"{100 * r.decoded_share:.1f}%",
         ])
@@ -250,6 +281,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     if prompts and len(prompts[-1]) < len(ids):
         raise InvalidSettingError(f"the text holds {len(every)} tokens: fewer than {args.agreement_prompts} prompts "
                                   f"of {len(ids)}")
+    prompts = [agreement_prompt(target, p, args.agreement_task) for p in prompts]
     print(f"perplexity of {target.name} over {len(ids)} tokens of {source}, fed {args.chunk} at a time",
           file=sys.stderr)
     results, references = [], [None] * len(prompts)
@@ -263,8 +295,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         results.append(result)
         extra = ""
         if result.agreement is not None:
-            extra = (f", agreement {result.agreement:.3f} (same prefix {result.same_prefix:.1f}, identical "
-                     f"{result.identical}/{len(result.compared)})")
+            extra = (f", agreement {result.agreement:.3f} (same prefix {result.same_prefix:.1f}, ROUGE-L "
+                     f"{result.rouge_l:.3f}, identical {result.identical}/{len(result.compared)})")
         if result.decoded:
             extra += f", {100 * result.decoded_share:.1f}% of bf16 after {args.agreement} generated tokens"
         print(f"  {result.kv}: perplexity {result.perplexity:.3f}, KV bytes {result.kv_bytes} "
