@@ -54,9 +54,16 @@ def test_agreement_counts_equal_tokens():
     ref = plain.tokens
     got = agreement(target, ids, KVSettings("gear", 8, window=16, block=8), ref, 12)
     assert 0.0 <= got.agreement <= 1.0 and 0 <= got.same_prefix <= 12
-    assert 0.0 <= got.rouge_l <= 1.0
+    assert 0.0 <= got.rouge_l <= 1.0 and got.gap is None  # no gaps given
     if got.tokens == ref:
         assert got.agreement == 1.0 and got.same_prefix == 12 and got.rouge_l == 1.0
+    # the gap where two greedy paths part: the reference's top-1 minus top-2 logit at the first difference
+    from leapdecode.bench.perplexity import top_two_gaps
+
+    gaps = top_two_gaps(target, ids, ref)
+    assert len(gaps) == 12 and all(g >= 0 for g in gaps)
+    other = ref[:5] + [(ref[5] + 1) % 64] + ref[6:]
+    assert agreement(target, ids, None, other, 12, gaps).gap == gaps[5]
     # the bytes each cache held after generating, against a bf16 cache of the text and the generated tokens
     assert 0 < got.kv_bytes < plain.kv_bytes and got.bf16_bytes == plain.bf16_bytes > 0
 
@@ -73,12 +80,12 @@ def test_settings_list_and_table():
     table = format_table([PerplexityResult("none", 10, 1.0, 100, 50), PerplexityResult("quant-4", 10, 1.01, 30, 50)])
     assert "+1.01%" in table and "60.0%" in table
     # agreement over several prompts: means, identical answers, bytes held after the first prompt's decoding
-    runs = [Generated([1, 2], 1.0, 2, 1.0, 30, 100), Generated([1, 3], 0.5, 1, 0.4, 31, 100)]
+    runs = [Generated([1, 2], 1.0, 2, 1.0, None, 30, 100), Generated([1, 3], 0.5, 1, 0.4, 0.125, 31, 100)]
     result = PerplexityResult("gear-4", 10, 1.0, 30, 50, decoded=runs)
     assert result.agreement == 0.75 and result.same_prefix == 1.5 and result.identical == 1
-    assert result.rouge_l == pytest.approx(0.7) and result.decoded_share == 0.3
+    assert result.rouge_l == pytest.approx(0.7) and result.decoded_share == 0.3 and result.gap == 0.125
     line = format_table([result]).splitlines()[-1]
-    assert "0.750" in line and "0.700" in line and "1/2" in line and "30.0%" in line
+    assert "0.750" in line and "0.700" in line and "1/2" in line and "0.125" in line and "30.0%" in line
 
 
 def test_summarize_task_wraps_the_slice_in_a_chat_request():

@@ -75,6 +75,13 @@ class PerplexityResult:
         return sum(g.rouge_l for g in self.compared) / len(self.compared) if self.compared else None
 
     @property
+    def gap(self) -> float | None:
+        """Median over the prompts that differ of the uncompressed cache's logit gap between its two most likely
+        tokens where the greedy paths part: small gaps mean the paths parted at near-ties."""
+        gaps = sorted(g.gap for g in self.compared if g.gap is not None)
+        return gaps[len(gaps) // 2] if gaps else None
+
+    @property
     def identical(self) -> int:
         """Prompts whose generated tokens all equal the uncompressed cache's."""
         return sum(g.agreement == 1.0 for g in self.compared)
@@ -121,13 +128,26 @@ class Generated:
     agreement: float | None  # equal tokens, position by position
     same_prefix: int | None  # tokens before the first difference
     rouge_l: float | None  # ROUGE-L of the decoded text against the uncompressed cache's
+    gap: float | None  # at the first difference: the uncompressed cache's top-1 minus top-2 logit (None: no difference)
     kv_bytes: int  # bytes the cache held after generating
     bf16_bytes: int  # a bfloat16 cache of that context (text + generated tokens)
 
 
+def top_two_gaps(target, ids: list[int], tokens: list[int]) -> list[float]:
+    """At each of `tokens` (generated after `ids`), the uncompressed cache's top-1 minus top-2 logit, from one pass."""
+    from leapdecode.lm import CausalLM
+
+    lm = CausalLM(target.model)
+    with torch.inference_mode():
+        logits = lm.forward(torch.tensor([list(ids) + list(tokens)]), logits_to_keep=len(tokens) + 1, prompt=True)
+    top = logits[0, :len(tokens)].float().topk(2, dim=-1).values
+    return (top[:, 0] - top[:, 1]).tolist()
+
+
 def agreement(target, ids: list[int], settings: KVSettings | None, reference: list[int] | None,
-              new_tokens: int) -> Generated:
-    """Generate `new_tokens` greedily (ar) after `ids` on the cache of `settings`; compare with `reference`."""
+              new_tokens: int, gaps: list[float] | None = None) -> Generated:
+    """Generate `new_tokens` greedily (ar) after `ids` on the cache of `settings`; compare with `reference` (whose
+    top-two logit gaps, `top_two_gaps`, give the gap where the two parted)."""
     from leapdecode import Decoder
     from leapdecode.bench.quality import rouge_l
 
@@ -135,13 +155,14 @@ def agreement(target, ids: list[int], settings: KVSettings | None, reference: li
     out = decoder.generate(list(ids), max_new_tokens=new_tokens).token_ids
     held, bf16 = kv_bytes(decoder.lm.cache), _bf16_bytes(target.model, decoder.lm.length)
     if reference is None:
-        return Generated(out, None, None, None, held, bf16)
+        return Generated(out, None, None, None, None, held, bf16)
     n = min(len(out), len(reference))
     same = sum(a == b for a, b in zip(out, reference)) / max(1, n)
     prefix = next((i for i, (a, b) in enumerate(zip(out, reference)) if a != b), n)
     text = target.tokenizer.decode(out, skip_special_tokens=True)
+    gap = gaps[prefix] if gaps is not None and prefix < n else None
     return Generated(out, same, prefix, rouge_l(text, target.tokenizer.decode(reference, skip_special_tokens=True)),
-                     held, bf16)
+                     gap, held, bf16)
 
 
 TASKS = ("continue", "summarize")
@@ -239,7 +260,7 @@ def _read_text(spec: str) -> tuple[str, str]:
 def format_table(results: list[PerplexityResult]) -> str:
     base = next((r for r in results if r.kv == "none"), None)
     header = ["kv cache", "perplexity", "vs none", "KV bytes", "vs bf16", "agreement", "same prefix", "ROUGE-L",
-              "identical", "vs bf16 after"]
+              "identical", "gap at 1st diff", "vs bf16 after"]
     lines = [header]
     for r in results:
         lines.append([
@@ -250,6 +271,7 @@ def format_table(results: list[PerplexityResult]) -> str:
             "-" if r.same_prefix is None else f"{r.same_prefix:.1f}",
             "-" if r.rouge_l is None else f"{r.rouge_l:.3f}",
             "-" if r.agreement is None else f"{r.identical}/{len(r.compared)}",
+            "-" if r.gap is None else f"{r.gap:.3f}",
             "-" if r.decoded_share is None else f"{100 * r.decoded_share:.1f}%",
         ])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
@@ -284,19 +306,21 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     prompts = [agreement_prompt(target, p, args.agreement_task) for p in prompts]
     print(f"perplexity of {target.name} over {len(ids)} tokens of {source}, fed {args.chunk} at a time",
           file=sys.stderr)
-    results, references = [], [None] * len(prompts)
+    results, references, gaps = [], [None] * len(prompts), [None] * len(prompts)
     for settings in runs:
         result = perplexity(target, ids, settings, args.chunk)
         if settings is None or settings.kind != "hf-quanto":  # (decoding needs rollback, QuantizedCache lacks it)
             for n, prompt in enumerate(prompts):
-                result.decoded.append(agreement(target, prompt, settings, references[n], args.agreement))
+                result.decoded.append(agreement(target, prompt, settings, references[n], args.agreement, gaps[n]))
                 if settings is None:
                     references[n] = result.decoded[-1].tokens
+                    gaps[n] = top_two_gaps(target, prompt, references[n])
         results.append(result)
         extra = ""
         if result.agreement is not None:
             extra = (f", agreement {result.agreement:.3f} (same prefix {result.same_prefix:.1f}, ROUGE-L "
-                     f"{result.rouge_l:.3f}, identical {result.identical}/{len(result.compared)})")
+                     f"{result.rouge_l:.3f}, identical {result.identical}/{len(result.compared)}, logit gaps where "
+                     f"they part {[None if g.gap is None else round(g.gap, 3) for g in result.compared]})")
         if result.decoded:
             extra += f", {100 * result.decoded_share:.1f}% of bf16 after {args.agreement} generated tokens"
         print(f"  {result.kv}: perplexity {result.perplexity:.3f}, KV bytes {result.kv_bytes} "
