@@ -1,8 +1,9 @@
 """Quality columns for lossy methods: agreement with the reference method's output (`ar` unless it was
 not run) and, where a question has a `reference`, a task score. Written to `quality.json`, a section of
 `report.md` and `speed_vs_quality.png` (one point per method and setting); when the run has a lossy
-method, `summary.json` and the printed table also carry token_agreement, rouge_l and task_score
-(null / "-" for the lossless methods, whose output is the reference's by promise).
+method, `summary.json` and the printed table also carry token_agreement, rouge_l and task_score (the first
+two null / "-" for the lossless methods, whose output is the reference's by promise; their task score is
+shown, the baseline the lossy methods' scores are read against).
 
 - token_agreement: share of positions where the method's token equals the reference method's token at
   the same position, over the longer of the two outputs (all turns concatenated).
@@ -162,16 +163,17 @@ SUMMARY_QUALITY_KEYS = ("token_agreement", "rouge_l", "task_score")
 
 def add_quality_to_summary(summary: dict[str, Any], quality: Mapping[str, Mapping[str, Any]],
                            lossy: Sequence[str]) -> dict[str, Any]:
-    """Copy SUMMARY_QUALITY_KEYS into each method of `summary` (None for methods not in `lossy`).
+    """Copy SUMMARY_QUALITY_KEYS into each method of `summary` (for methods not in `lossy` only task_score, the
+    others None).
 
     Nothing is added when `lossy` is empty: a lossless-only run keeps summary.json's usual keys.
     """
     if not lossy:
         return summary
     for name, entry in summary["methods"].items():
-        q = quality.get(name, {}) if name in lossy else {}
+        q = quality.get(name, {})
         for key in SUMMARY_QUALITY_KEYS:
-            entry[key] = q.get(key)
+            entry[key] = q.get(key) if name in lossy or key == "task_score" else None
     return summary
 
 

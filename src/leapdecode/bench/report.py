@@ -26,8 +26,8 @@ def format_table(summary: Mapping[str, Any], category: str | None = None) -> str
     """Plain-text table with aligned columns: overall, or for one category.
 
     When the summary carries quality keys (a run with a lossy method), the overall table adds token
-    agreement, ROUGE-L and task score against the reference method ("-" for lossless methods and where
-    no question has a reference).
+    agreement and ROUGE-L against the reference method ("-" for lossless methods) and the task score against
+    the questions' references ("-" where no question has one).
     """
     quality = category is None and any("token_agreement" in m for m in summary["methods"].values())
     header = ["method", "tokens/s", "speedup", "mean accepted", "identical", "peak RSS MB"]

@@ -8,7 +8,8 @@ Definitions follow Spec-Bench:
 - ``identical_to_ar`` / ``compared``: questions whose token ids equal the reference's, out of those that
   both ran. The reference method counts as compared with itself.
 - When the run has a lossy method, ``leapdecode bench`` adds ``token_agreement``, ``rouge_l`` and
-  ``task_score`` to every method entry (null for lossless methods; see ``leapdecode.bench.quality``).
+  ``task_score`` to every method entry (the first two null for lossless methods; see
+  ``leapdecode.bench.quality``).
 """
 
 from __future__ import annotations
