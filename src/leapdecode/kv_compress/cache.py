@@ -30,9 +30,8 @@ block's groups (its rows there are copies of the next token's) and written over 
 Storage: compressed blocks for [0, C_stored) and an exact buffer for [E, length) with E <= C_stored: a block
 compressed while a pass was split keeps its exact copy until the pass is committed (it may still be rolled
 back to before the position where the view changed). A commit (the CausalLM's crop or path compaction, through
-kv_cache.py) settles the cache: it
-compresses up to C(length) at once, as the next pass would first, so between passes the exact part is the
-window (window to window + block - 1 tokens). Rollback (`crop_to`, `keep`) works inside the exact
+kv_cache.py) settles the cache: it compresses up to C(length) at once, as the next pass would first, so between
+passes the exact part is the window (window to window + block - 1 tokens). Rollback (`crop_to`, `keep`) works inside the exact
 buffer; reaching into compressed blocks raises `KVRollbackError`. The window must therefore be at least the
 depth of the longest draft (the default 64 is).
 """
@@ -173,9 +172,10 @@ class CompressedLayer(DynamicLayer):
         length = self.get_seq_length()
         continued = self._view.position is not None  # a later part of a split pass: it may still be rolled back
         view = self.view_length(self._view.position if continued else length)
-        self._compress_to(view)
-        if not continued:  # a new pass: rollbacks stay at or after `length`, so views stay at or after `view`
-            self._trim_to(view)
+        if continued:
+            self._compress_to(view)
+        else:  # a new pass: rollbacks stay at or after `length`, so views stay at or after `view`
+            self.settle()
         if view < self.exact_start:
             raise KVRollbackError(f"compressed KV cache: a view of {view} compressed positions needs exact data "
                                   f"from position {view}, kept from {self.exact_start}")
@@ -316,8 +316,8 @@ class CompressedCache(Cache):
             layer.keep(start, index)
 
     def settle(self) -> None:
-        """After a commit (the cache's positions are its indices again; a split tree pass's internal `keep`
-        is not one), between passes: compress the blocks no query from the current length on reads exactly, and drop
+        """After a commit (the cache's positions are its indices again; a split tree pass's internal `keep` is
+        not one), between passes: compress the blocks no query from the current length on reads exactly, drop
         their exact copies, so the cache holds the window (window to window + block - 1 exact tokens) and not
         also the blocks the next pass would compress first. Changes when, not what, is compressed."""
         if self._view.position is None:
