@@ -203,6 +203,9 @@ def test_embedding_blocks():
     expect = (codes.float().reshape(10, 2, 32) * scales.unsqueeze(-1)).reshape(10, 64)
     assert torch.equal(emb(ids), expect[ids] * 2.0)
     assert torch.equal(emb.weight, expect)
+    # no ids at all gives no rows, as nn.Embedding does (falcon embeds an empty token list at the tree's root)
+    assert emb(torch.zeros(0, dtype=torch.long)).shape == (0, 64)
+    assert emb(torch.zeros(1, 0, dtype=torch.long)).shape == (1, 0, 64)
     approx = QuantEmbedding.from_float(expect)
     assert (approx.weight - expect).abs().max() <= scales.max() / 2 + 1e-6
 

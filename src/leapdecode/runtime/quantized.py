@@ -573,7 +573,8 @@ class QuantEmbedding(nn.Module):
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         q = self.codes[ids].float()
         s = self.scales[ids]
-        out = (q.reshape(*q.shape[:-1], -1, GROUP) * s.unsqueeze(-1)).reshape(q.shape)
+        # the group count spelled out: ids may be empty (a drafter embedding no tokens), as nn.Embedding allows
+        out = (q.reshape(*q.shape[:-1], self.embedding_dim // GROUP, GROUP) * s.unsqueeze(-1)).reshape(q.shape)
         if self.multiplier is not None:
             out = out * self.multiplier.to(out.dtype)
         return out
