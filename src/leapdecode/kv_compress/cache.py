@@ -31,9 +31,9 @@ Storage: compressed blocks for [0, C_stored) and an exact buffer for [E, length)
 compressed while a pass was split keeps its exact copy until the pass is committed (it may still be rolled
 back to before the position where the view changed). A commit (the CausalLM's crop or path compaction, through
 kv_cache.py) settles the cache: it compresses up to C(length) at once, as the next pass would first, so between
-passes the exact part is the window (window to window + block - 1 tokens). Rollback (`crop_to`, `keep`) works inside the exact
-buffer; reaching into compressed blocks raises `KVRollbackError`. The window must therefore be at least the
-depth of the longest draft (the default 64 is).
+passes the exact part is the window (window to window + block - 1 tokens). Rollback (`crop_to`, `keep`) works
+inside the exact buffer; reaching into compressed blocks raises `KVRollbackError`. The window must therefore be
+at least the depth of the longest draft (the default 64 is).
 """
 from __future__ import annotations
 
